@@ -1,0 +1,48 @@
+// A validated (dst, src) pair list that runs many times.
+//
+// Built once: validation, byte counts and, for host-only lists, the span list for the copier.
+// run() first checks that no tensor moved (data pointer and byte count per tensor, a few ns
+// each) and rebuilds when one did: a model reallocated by .to() or load_state_dict(assign=True)
+// is noticed, and one whose shapes changed raises the usual validation error.
+#pragma once
+
+#include <torch/custom_class.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "weightsync/core.h"
+
+namespace weightsync {
+
+class CopyPlan : public torch::CustomClassHolder {
+ public:
+  CopyPlan(std::vector<at::Tensor> dst, std::vector<at::Tensor> src);
+
+  void run(bool non_blocking);
+  bool is_valid() const;
+  void rebuild();
+  std::int64_t nbytes() const { return static_cast<std::int64_t>(nbytes_); }
+  std::int64_t size() const { return static_cast<std::int64_t>(dst_.size()); }
+  // "host-spans" (cached spans, no dispatch) or "dispatch" (the batched_copy_ op per run).
+  std::string kernel() const { return host_only_ ? "host-spans" : "dispatch"; }
+  std::int64_t rebuilds() const { return rebuilds_; }
+
+ private:
+  struct Fingerprint {
+    const void* ptr;
+    std::size_t nbytes;
+  };
+
+  std::vector<at::Tensor> dst_;
+  std::vector<at::Tensor> src_;
+  std::vector<Fingerprint> fingerprints_;
+  std::vector<core::CopySpan> spans_;
+  std::vector<std::size_t> strided_;  // host pairs that need at::Tensor::copy_
+  std::size_t nbytes_ = 0;
+  bool host_only_ = false;
+  std::int64_t rebuilds_ = 0;
+};
+
+}  // namespace weightsync

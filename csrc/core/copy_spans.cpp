@@ -1,0 +1,190 @@
+// The threaded span copier. One persistent pool per process, created on first use.
+//
+// Why chunks and a shared counter instead of a static split: on a 2-core machine the other
+// core is often busy (a collector, the trainer). A static half/half split makes the caller
+// wait for a descheduled thread's whole half (measured 3-50x slowdowns); with chunks handed
+// out one at a time the caller keeps working and waits at most for one chunk.
+#include "weightsync/core.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+namespace weightsync::core {
+namespace {
+
+std::size_t env_size(const char* name, std::size_t fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  char* end = nullptr;
+  const unsigned long long parsed = std::strtoull(value, &end, 10);
+  if (end == value || *end != '\0') return fallback;
+  return static_cast<std::size_t>(parsed);
+}
+
+// A piece of work: either whole spans [first, last) or, when one span is larger than a chunk,
+// the bytes [offset, offset + length) of span `first`.
+struct Chunk {
+  std::size_t first;
+  std::size_t last;
+  std::size_t offset;
+  std::size_t length;
+  bool partial;
+};
+
+std::vector<Chunk> make_chunks(const CopySpan* spans, std::size_t count, std::size_t chunk_bytes) {
+  std::vector<Chunk> chunks;
+  std::size_t group_start = 0;
+  std::size_t group_bytes = 0;
+  auto flush = [&](std::size_t end) {
+    if (end > group_start) chunks.push_back({group_start, end, 0, 0, false});
+    group_start = end;
+    group_bytes = 0;
+  };
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::size_t n = spans[i].nbytes;
+    if (n >= chunk_bytes) {
+      flush(i);
+      for (std::size_t off = 0; off < n; off += chunk_bytes) {
+        chunks.push_back({i, i + 1, off, std::min(chunk_bytes, n - off), true});
+      }
+      group_start = i + 1;
+      continue;
+    }
+    group_bytes += n;
+    if (group_bytes >= chunk_bytes) flush(i + 1);
+  }
+  flush(count);
+  return chunks;
+}
+
+void run_chunk(const CopySpan* spans, const Chunk& c) {
+  if (c.partial) {
+    const CopySpan& s = spans[c.first];
+    std::memcpy(static_cast<char*>(s.dst) + c.offset, static_cast<const char*>(s.src) + c.offset,
+                c.length);
+    return;
+  }
+  for (std::size_t i = c.first; i < c.last; ++i) {
+    if (spans[i].nbytes != 0) std::memcpy(spans[i].dst, spans[i].src, spans[i].nbytes);
+  }
+}
+
+struct Job {
+  const CopySpan* spans;
+  const std::vector<Chunk>* chunks;
+  std::atomic<std::size_t> next{0};
+
+  void work() {
+    const std::size_t n = chunks->size();
+    for (std::size_t c = next.fetch_add(1); c < n; c = next.fetch_add(1)) {
+      run_chunk(spans, (*chunks)[c]);
+    }
+  }
+};
+
+class Pool {
+ public:
+  explicit Pool(int helpers) {
+    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  // Returns false (having done nothing) when another caller is using the pool right now; the
+  // caller then copies on its own thread.
+  bool run(Job& job) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      current_ = &job;
+      ++generation_;
+    }
+    wake_.notify_all();
+    job.work();
+    std::unique_lock<std::mutex> lock(mutex_);
+    current_ = nullptr;  // helpers arriving from now on skip this job
+    left_.wait(lock, [&] { return joined_ == 0; });
+    return true;
+  }
+
+ private:
+  void loop() {
+    std::uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (true) {
+      wake_.wait(lock, [&] { return stop_ || (generation_ != seen && current_ != nullptr); });
+      if (stop_) return;
+      seen = generation_;
+      Job* job = current_;
+      ++joined_;
+      lock.unlock();
+      job->work();
+      lock.lock();
+      if (--joined_ == 0) left_.notify_all();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex busy_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable left_;
+  Job* current_ = nullptr;
+  std::uint64_t generation_ = 0;
+  int joined_ = 0;
+  bool stop_ = false;
+};
+
+Pool* pool_for(int max_threads) {
+  // Leaked on purpose: joining threads from a static destructor at exit can deadlock when the
+  // process exits from a forked child or while another thread still copies.
+  static Pool* pool = new Pool(std::max(0, max_threads - 1));
+  return pool;
+}
+
+}  // namespace
+
+const CopyOptions& default_copy_options() {
+  static const CopyOptions options = [] {
+    CopyOptions o;
+    const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+    o.max_threads = static_cast<int>(env_size("WEIGHTSYNC_NUM_THREADS", std::min(hw, 4u)));
+    o.max_threads = std::max(1, o.max_threads);
+    o.parallel_min_bytes = env_size("WEIGHTSYNC_PARALLEL_MIN_BYTES", o.parallel_min_bytes);
+    o.chunk_bytes = std::max<std::size_t>(4096, env_size("WEIGHTSYNC_CHUNK_BYTES", o.chunk_bytes));
+    return o;
+  }();
+  return options;
+}
+
+void copy_spans(const CopySpan* spans, std::size_t count, const CopyOptions& opts) {
+  std::size_t total = 0;
+  for (std::size_t i = 0; i < count; ++i) total += spans[i].nbytes;
+  if (opts.max_threads <= 1 || total < opts.parallel_min_bytes) {
+    for (std::size_t i = 0; i < count; ++i) {
+      if (spans[i].nbytes != 0) std::memcpy(spans[i].dst, spans[i].src, spans[i].nbytes);
+    }
+    return;
+  }
+  const std::vector<Chunk> chunks = make_chunks(spans, count, opts.chunk_bytes);
+  Job job;
+  job.spans = spans;
+  job.chunks = &chunks;
+  // The pool is sized by the first caller's options; later callers asking for fewer threads
+  // still share it, which only matters for tests that vary the count.
+  if (!pool_for(opts.max_threads)->run(job)) job.work();
+}
+
+}  // namespace weightsync::core

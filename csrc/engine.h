@@ -1,0 +1,59 @@
+// ATen glue shared by the CPU and CUDA kernels: argument validation and host-side execution.
+//
+// Every validator only reads. Kernels call them before moving the first byte, so a call that
+// throws leaves every destination exactly as it was.
+//
+// Error messages start with a tag, "weightsync[<kind>]: ", that the Python wrappers turn into
+// the typed errors of weightsync.errors (kinds: length, dtype, shape, device, alias, bounds,
+// argument).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "weightsync/core.h"
+
+#define WS_CHECK(cond, kind, ...) \
+  TORCH_CHECK_VALUE(cond, "weightsync[" kind "]: ", __VA_ARGS__)
+
+namespace weightsync {
+
+// Bytes of the elements of t (numel * element size).
+std::size_t nbytes_of(const at::Tensor& t);
+
+// [lowest, highest) byte addresses any element of t touches; empty for empty tensors.
+std::pair<std::uintptr_t, std::uintptr_t> byte_extent(const at::Tensor& t);
+
+// Tensor lists of batched_copy_: equal lengths, defined tensors, equal dtypes and shapes,
+// CPU or CUDA devices, no internal overlap in a destination, no destination overlapping
+// another destination or any source.
+void check_copy_lists(const char* op, at::TensorList dst, at::TensorList src);
+
+// pack_ (tensors are read, flat written) and unpack_ (flat read, tensors written): flat is a
+// 1-D contiguous uint8 tensor, one non-negative offset per tensor, each tensor's bytes fit in
+// flat, written regions overlap nothing.
+void check_pack_lists(const char* op, at::TensorList tensors, const at::Tensor& flat,
+                      at::IntArrayRef offsets, bool tensors_are_written);
+
+// Host-only execution (all tensors on the CPU), after validation. Contiguous pairs become one
+// span list for core::copy_spans; non-contiguous ones go through at::Tensor::copy_, which
+// puts the bytes in the right strided places.
+void copy_pairs_host(at::TensorList dst, at::TensorList src);
+void pack_host(at::TensorList src, const at::Tensor& flat, at::IntArrayRef offsets);
+void unpack_host(const at::Tensor& flat, at::TensorList dst, at::IntArrayRef offsets);
+
+// Spans for host-resident contiguous pairs; the indices of the other pairs go to `rest`.
+std::vector<core::CopySpan> host_spans(at::TensorList dst, at::TensorList src,
+                                       std::vector<std::size_t>* rest);
+
+// The spans that pack/unpack (flat on the host) move for contiguous tensors; the indices of
+// non-contiguous tensors go to `rest`.
+std::vector<core::CopySpan> flat_spans(at::TensorList tensors, std::uint8_t* flat,
+                                       at::IntArrayRef offsets, bool into_flat,
+                                       std::vector<std::size_t>* rest);
+
+}  // namespace weightsync

@@ -1,0 +1,71 @@
+// Torch-free core of the weightsync engine: byte spans, the threaded span copier, overlap
+// detection and futex waits. Nothing here includes ATen, so CMake builds and unit-tests it
+// alone (csrc/tests/test_core.cpp).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace weightsync::core {
+
+// One contiguous byte move. Spans of one call never overlap each other (checked upstream).
+struct CopySpan {
+  const void* src;
+  void* dst;
+  std::size_t nbytes;
+};
+
+// How copy_spans spreads work. The defaults come from the environment (see
+// default_copy_options) and are tuned for small machines: threads only pay for large payloads,
+// and a busy neighbour core must not stall the caller, so work is handed out in chunks that
+// the calling thread also takes; a descheduled helper delays at most the one chunk it holds.
+struct CopyOptions {
+  // Payloads below this many bytes are copied by the calling thread alone.
+  std::size_t parallel_min_bytes = std::size_t{8} << 20;
+  // Upper bound on threads (the caller included). 1 disables the pool.
+  int max_threads = 1;
+  // Granularity of the work split; big tensors are cut into chunks of this size.
+  std::size_t chunk_bytes = std::size_t{1} << 20;
+};
+
+// Options from WEIGHTSYNC_NUM_THREADS (default: min(hardware threads, 4)),
+// WEIGHTSYNC_PARALLEL_MIN_BYTES and WEIGHTSYNC_CHUNK_BYTES. Read once.
+const CopyOptions& default_copy_options();
+
+// Copies every span. Single-threaded below opts.parallel_min_bytes total, else split by bytes
+// across at most opts.max_threads threads (the caller always works too).
+void copy_spans(const CopySpan* spans, std::size_t count, const CopyOptions& opts);
+inline void copy_spans(const std::vector<CopySpan>& spans, const CopyOptions& opts) {
+  copy_spans(spans.data(), spans.size(), opts);
+}
+
+// A half-open byte range [begin, end) tagged with who owns it.
+struct ByteRange {
+  std::uintptr_t begin;
+  std::uintptr_t end;
+  std::size_t index;  // position in the caller's list
+  int group;          // e.g. 0 = destination, 1 = source
+};
+
+// The first pair of overlapping ranges where at least one side is in `written_group`
+// (two read-only ranges may overlap). Empty ranges never overlap. O(n log n).
+std::optional<std::pair<ByteRange, ByteRange>> find_overlap(std::vector<ByteRange> ranges,
+                                                           int written_group);
+
+// Rounds n up to a multiple of `alignment` (a power of two).
+constexpr std::size_t align_up(std::size_t n, std::size_t alignment) {
+  return (n + alignment - 1) & ~(alignment - 1);
+}
+
+// futex(2) on a 32-bit word that may live in memory shared between processes (so the
+// non-private variant). Returns true when the word no longer held `expected` or a wake
+// arrived, false when `timeout_s` elapsed first. timeout_s < 0 waits forever (callers in
+// weightsync always pass a finite timeout).
+bool futex_wait(const std::int32_t* word, std::int32_t expected, double timeout_s);
+// Wakes up to `count` waiters on `word`; returns how many were woken.
+int futex_wake(const std::int32_t* word, int count);
+
+}  // namespace weightsync::core

@@ -1,0 +1,147 @@
+"""Build of weightsync and its engine library (weightsync/_C.so).
+
+- The CPU part is always built.
+- The CUDA part (csrc/cuda/) is built whenever torch is a CUDA build and nvcc is found,
+  whether or not a GPU is visible. Architectures come from TORCH_CUDA_ARCH_LIST; without it,
+  the visible GPUs' archs, or DEFAULT_CUDA_ARCHS when none is visible.
+- WEIGHTSYNC_BUILD_EXT=0 gives a pure-Python install (the torch backend does everything).
+- WEIGHTSYNC_BUILD_CUDA=0 skips the CUDA part even where it could be built.
+
+The library holds no Python bindings: weightsync/_extension.py loads it with
+torch.ops.load_library, which runs its operator registrations. Build metadata (torch, CUDA,
+archs, Python) is written next to it in weightsync/_build_info.json so the loader can explain
+a mismatch.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.lower() not in {"0", "false", "no", "off"}
+
+
+def _pip_cuda_include_dirs() -> list[str]:
+    """Headers shipped by the pip CUDA wheels (cusparse.h and friends live only there)."""
+    dirs: list[str] = []
+    for entry in sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include"):
+            candidate = Path(entry) / sub
+            if candidate.is_dir():
+                dirs.append(str(candidate))
+    return dirs
+
+
+def _extensions() -> tuple[list, dict, dict]:
+    if not _flag("WEIGHTSYNC_BUILD_EXT", True):
+        return [], {}, {"extension": False, "reason": "WEIGHTSYNC_BUILD_EXT=0"}
+
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = sorted(
+        glob.glob(str(ROOT / "csrc" / "*.cpp"))
+        + glob.glob(str(ROOT / "csrc" / "core" / "*.cpp"))
+        + glob.glob(str(ROOT / "csrc" / "cpu" / "*.cpp"))
+    )
+    sources = [os.path.relpath(s, ROOT) for s in sources]
+    include_dirs = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
+    cxx_flags = ["-O3"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    define_macros: list[tuple[str, str | None]] = []
+
+    nvcc = shutil.which("nvcc") or (
+        str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc") if cpp_extension.CUDA_HOME else None
+    )
+    cuda_wanted = _flag("WEIGHTSYNC_BUILD_CUDA", True)
+    with_cuda = bool(cuda_wanted and torch.version.cuda and nvcc and Path(nvcc).exists())
+    why_not_cuda = None
+    if not with_cuda:
+        if not cuda_wanted:
+            why_not_cuda = "WEIGHTSYNC_BUILD_CUDA=0"
+        elif not torch.version.cuda:
+            why_not_cuda = f"torch {torch.__version__} is a CPU-only build"
+        else:
+            why_not_cuda = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+
+    archs = None
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPUs")
+        sources += [
+            os.path.relpath(s, ROOT)
+            for s in sorted(
+                glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu"))
+                + glob.glob(str(ROOT / "csrc" / "cuda" / "*.cpp"))
+            )
+        ]
+        include_dirs += _pip_cuda_include_dirs()
+        define_macros.append(("WEIGHTSYNC_WITH_CUDA", None))
+        ext_cls = cpp_extension.CUDAExtension
+        extra = {"cxx": cxx_flags, "nvcc": nvcc_flags}
+    else:
+        ext_cls = cpp_extension.CppExtension
+        extra = {"cxx": cxx_flags}
+
+    ext = ext_cls(
+        name="weightsync._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra,
+    )
+    info = {
+        "extension": True,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "with_cuda": with_cuda,
+        "cuda_skipped_because": why_not_cuda,
+        "cuda_archs": archs,
+        "python": platform.python_version(),
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    }
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}, info
+
+
+def _write_build_info(info: dict) -> None:
+    (ROOT / "weightsync" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+ext_modules, cmdclass, build_info = _extensions()
+_write_build_info(build_info)
+
+setup(
+    name="weightsync",
+    version="0.1.0",
+    description="Fast, consistent weight synchronisation between a trainer and its workers.",
+    packages=find_packages(include=["weightsync", "weightsync.*"]),
+    package_data={"weightsync": ["_build_info.json", "py.typed"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "tensordict>=0.9"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "torchrl": ["torchrl"],
+        "cupy": ["cupy-cuda13x"],
+    },
+    entry_points={"console_scripts": []},
+    zip_safe=False,
+)

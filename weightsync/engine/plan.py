@@ -1,0 +1,113 @@
+"""Copy plans: a (dst, src) list pair validated once and run many times.
+
+Native plans are ``torch.classes.weightsync.CopyPlan`` objects: ``run()`` is one call with no
+arguments and no per-tensor Python work; it checks each tensor's data pointer and size (a few
+ns each) and rebuilds itself when one changed, raising the usual typed error when the new
+tensors no longer fit. Python plans (torch and cupy backends) precompute their device groups
+and do the same pointer check in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from weightsync.engine.backends import backend_for
+from weightsync.engine.validate import check_copy_lists, nbytes_of, translate_native_error
+
+__all__ = ["CopyPlan"]
+
+
+class _PythonPlan:
+    def __init__(self, backend, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        self._backend = backend
+        self._dst = dst
+        self._src = src
+        self.rebuilds = 0
+        self._build()
+        self.rebuilds = 0
+
+    def _fingerprint(self) -> list[tuple[int, int]]:
+        return [(t.data_ptr(), nbytes_of(t)) for t in (*self._dst, *self._src)]
+
+    def _build(self) -> None:
+        check_copy_lists("CopyPlan", self._dst, self._src)
+        self._prints = self._fingerprint()
+        self.rebuilds += 1
+
+    def is_valid(self) -> bool:
+        return self._fingerprint() == self._prints
+
+    def run(self, non_blocking: bool) -> None:
+        if not self.is_valid():
+            self._build()
+        self._backend.batched_copy_(self._dst, self._src, non_blocking)
+
+
+class _NativePlan:
+    def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        try:
+            self._plan = torch.classes.weightsync.CopyPlan(dst, src)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise translate_native_error(exc) from None
+
+    @property
+    def rebuilds(self) -> int:
+        return self._plan.rebuilds()
+
+    def is_valid(self) -> bool:
+        return self._plan.is_valid()
+
+    def run(self, non_blocking: bool) -> None:
+        try:
+            with torch.no_grad():
+                self._plan.run(non_blocking)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise translate_native_error(exc) from None
+
+
+class CopyPlan:
+    """Copies ``src[i]`` into ``dst[i]`` for all ``i``, validated once, run many times.
+
+    Args:
+        dst: destination tensors (written in place).
+        src: source tensors, same dtypes and shapes as ``dst``.
+
+    Raises:
+        The typed errors of :func:`weightsync.ops.batched_copy_`, at construction and at a
+        ``run()`` that finds the tensors reallocated into a shape that no longer fits.
+
+    The plan holds references to the tensors. It keeps working when a tensor is reallocated
+    (``param.data = ...``): the next ``run()`` notices and rebuilds (see ``rebuilds``).
+    """
+
+    def __init__(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+        dst, src = list(dst), list(src)
+        backend = backend_for((*dst, *src))
+        self.backend: str = backend.name
+        self.nbytes: int = sum(nbytes_of(t) for t in dst)
+        self._len = len(dst)
+        if backend.name == "native":
+            self._impl: _NativePlan | _PythonPlan = _NativePlan(dst, src)
+        else:
+            self._impl = _PythonPlan(backend, dst, src)
+
+    def run(self, non_blocking: bool = False) -> None:
+        """Run the copy. ``non_blocking`` as in :func:`weightsync.ops.batched_copy_`."""
+        self._impl.run(non_blocking)
+
+    def is_valid(self) -> bool:
+        """True while no tensor of the plan was reallocated since it was (re)built."""
+        return self._impl.is_valid()
+
+    @property
+    def rebuilds(self) -> int:
+        """How many times the plan noticed reallocated tensors and rebuilt itself."""
+        return self._impl.rebuilds
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"CopyPlan(tensors={self._len}, nbytes={self.nbytes}, backend={self.backend!r})"
