@@ -105,7 +105,21 @@ def _try_load() -> ExtensionStatus:
     missing = [op for op in _OPS if not hasattr(torch.ops.weightsync, op)]
     if missing:
         return ExtensionStatus(False, path, f"{path} lacks ops {missing}; rebuild it", info)
+    _register_fakes()
     return ExtensionStatus(True, path, None, info)
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations so torch.compile can trace the in-place ops.
+
+    They return nothing and mutate nothing: the ops' outputs are their mutated arguments,
+    which the schema's alias annotations already describe.
+    """
+    def no_output(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    for op in ("batched_copy_", "pack_", "unpack_"):
+        torch.library.register_fake(f"weightsync::{op}")(no_output)
 
 
 def load() -> ExtensionStatus:

@@ -37,6 +37,8 @@ def batched_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
         DeviceMismatchError: a tensor is neither on the CPU nor on a CUDA device.
         AliasingError: a destination overlaps another destination or a source.
     """
+    if len(dst) == 0 and len(src) == 0:
+        return  # nothing to copy, and no tensor the dispatcher could pick a kernel from
     backend_for((*dst, *src)).batched_copy_(dst, src, non_blocking)
 
 
@@ -63,6 +65,18 @@ def _host_buffer(t: torch.Tensor, op: str) -> None:
             f"weightsync[argument]: {op}: expected a contiguous CPU tensor, got {t!r:.80}")
 
 
+def _require_pinning(op: str) -> None:
+    status = _extension.load()
+    if not status.loaded:
+        raise BackendUnavailableError(f"{op} needs the native extension: {status.reason}")
+    if not status.with_cuda:
+        raise BackendUnavailableError(
+            f"{op} needs the extension's CUDA part: "
+            f"{status.build_info.get('cuda_skipped_because') or 'not built'}")
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(f"{op}: no CUDA device is visible to torch")
+
+
 def pin_memory_(buffer: torch.Tensor) -> None:
     """Page-lock an existing host buffer (cudaHostRegister), e.g. a shared-memory arena.
 
@@ -70,9 +84,7 @@ def pin_memory_(buffer: torch.Tensor) -> None:
     part; raises BackendUnavailableError saying why otherwise.
     """
     _host_buffer(buffer, "pin_memory_")
-    status = _extension.load()
-    if not status.loaded:
-        raise BackendUnavailableError(f"pin_memory_ needs the native extension: {status.reason}")
+    _require_pinning("pin_memory_")
     try:
         torch.ops.weightsync.host_register(buffer)
     except (RuntimeError, ValueError) as exc:
@@ -82,9 +94,7 @@ def pin_memory_(buffer: torch.Tensor) -> None:
 def unpin_memory_(buffer: torch.Tensor) -> None:
     """Undo :func:`pin_memory_`."""
     _host_buffer(buffer, "unpin_memory_")
-    status = _extension.load()
-    if not status.loaded:
-        raise BackendUnavailableError(f"unpin_memory_ needs the native extension: {status.reason}")
+    _require_pinning("unpin_memory_")
     try:
         torch.ops.weightsync.host_unregister(buffer)
     except (RuntimeError, ValueError) as exc:

@@ -1,0 +1,62 @@
+"""The compiled library itself: op registration, opcheck, torch.compile, build metadata."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightsync import _extension, ops
+
+
+def test_every_op_has_a_cpu_kernel(native):
+    for op in ("batched_copy_", "pack_", "unpack_", "futex_wait", "futex_wake", "host_register",
+               "host_unregister"):
+        assert _extension.has_kernel(op, "CPU"), op
+
+
+def test_cuda_kernels_registered_when_built_with_cuda(native):
+    """No GPU needed: the dispatcher knows the kernels as soon as the library is loaded."""
+    built_with_cuda = _extension.load().build_info.get("with_cuda")
+    for op in ("batched_copy_", "pack_", "unpack_"):
+        assert _extension.has_kernel(op, "CUDA") == bool(built_with_cuda), op
+
+
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        ("batched_copy_", lambda: ([torch.zeros(3), torch.zeros(2, 2)], [torch.randn(3), torch.randn(2, 2)], False)),
+        ("pack_", lambda: ([torch.randn(3), torch.randn(2, 2)], torch.zeros(512, dtype=torch.uint8), [0, 256], False)),
+        ("unpack_", lambda: (torch.randint(0, 255, (512,), dtype=torch.uint8), [torch.zeros(3), torch.zeros(2, 2)], [0, 256], False)),
+    ],
+)
+def test_opcheck(native, op, args):
+    result = torch.library.opcheck(getattr(torch.ops.weightsync, op).default, args())
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_torch_compile_fullgraph(native):
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(dst, src):
+        torch.ops.weightsync.batched_copy_(dst, src, False)
+        return dst[0] * 2
+
+    dst = [torch.zeros(4), torch.zeros(3, 3)]
+    src = [torch.arange(4.0), torch.randn(3, 3)]
+    out = step(dst, src)
+    assert torch.equal(dst[0], src[0]) and torch.equal(dst[1], src[1])
+    assert torch.equal(out, src[0] * 2)
+
+
+def test_raw_op_errors_are_tagged_and_wrapper_types_them(native):
+    from weightsync.errors import ShapeMismatchError
+
+    with pytest.raises(ValueError, match=r"weightsync\[shape\]: batched_copy_: index 0"):
+        torch.ops.weightsync.batched_copy_([torch.zeros(2)], [torch.zeros(3)], False)
+    with pytest.raises(ShapeMismatchError, match=r"^weightsync\[shape\]: batched_copy_: index 0: "
+                                                 r"dst shape \[2\] != src shape \[3\]$"):
+        ops.batched_copy_([torch.zeros(2)], [torch.zeros(3)])
+
+
+def test_engine_config_reports_host_copier(native):
+    threads, min_bytes, chunk = torch.ops.weightsync.engine_config()
+    assert threads >= 1 and min_bytes >= 0 and chunk >= 4096
