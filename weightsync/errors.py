@@ -23,6 +23,9 @@ __all__ = [
     "DeviceMismatchError",
     "AliasingError",
     "InvalidArgumentError",
+    "UnsupportedWeightsError",
+    "UnknownBackendError",
+    "UnknownWorkerError",
     "BackendUnavailableError",
     "WeightSyncTimeout",
     "PeerDiedError",
@@ -63,6 +66,18 @@ class AliasingError(WeightSyncError, ValueError):
 
 class InvalidArgumentError(WeightSyncError, ValueError):
     """An argument is malformed (wrong kind of tensor, negative offset, out of bounds, ...)."""
+
+
+class UnsupportedWeightsError(InvalidArgumentError, TypeError):
+    """Weights, a source or a destination of a type the strategy does not handle."""
+
+
+class UnknownBackendError(InvalidArgumentError):
+    """A scheme backend name that is neither registered nor an alias."""
+
+
+class UnknownWorkerError(InvalidArgumentError):
+    """A worker id that has no transport (scheme) or no weights (updater)."""
 
 
 class BackendUnavailableError(WeightSyncError, RuntimeError):

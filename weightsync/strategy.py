@@ -1,0 +1,776 @@
+"""Weight strategies: from a module, TensorDict or state_dict to weights, and back.
+
+:class:`WeightStrategy` is the format layer between schemes and the engine. It extracts the
+weights of a source (``"tensordict"``: a nested :class:`~tensordict.TensorDict` like
+``TensorDict.from_module``; ``"state_dict"``: a flat ``{"a.b": tensor}`` dict) and applies
+weights of either format to a destination (a module, a TensorDict or a state_dict).
+
+Applying in place is the hot path of every weight update, so it is built around a cached
+:class:`~weightsync.engine.CopyPlan`:
+
+- The first update of a (destination, source) pair checks the two trees key by key (missing or
+  unexpected keys, shapes, dtypes) and raises a typed error naming the key and both values
+  before any byte moves. It then builds one copy plan for all tensors.
+- Later updates of the same pair only confirm that neither tree changed (a locked TensorDict:
+  one identity test; otherwise one pass over the tree's containers comparing object
+  identities, with no per-tensor Python work) and run the plan: one engine call.
+  ``TensorDict.update_`` is avoided: it does per-key work that grows quadratically with the
+  number of tensors.
+- Destinations and sources are held weakly; a reallocated or restructured destination
+  rebuilds its plan.
+
+Extra state (``Module.get_extra_state``) travels under the key ``"__extra_state__"`` of the
+module it belongs to (``("__extra_state__",)`` for the root, as in TorchRL) and is applied with
+``set_extra_state``. In a state_dict it keeps torch's own ``"<module>._extra_state"`` key.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from tensordict import TensorDict, TensorDictBase, is_non_tensor
+from torch import nn
+
+from weightsync.engine import CopyPlan
+from weightsync.errors import (
+    UnsupportedWeightsError,
+    DTypeMismatchError,
+    InvalidArgumentError,
+    KeyMismatchError,
+    ShapeMismatchError,
+    WeightSyncError,
+)
+
+__all__ = ["WeightStrategy", "UnsupportedWeightsError", "EXTRA_STATE_KEY"]
+
+#: Key of a module's extra state inside a weights TensorDict.
+EXTRA_STATE_KEY = "__extra_state__"
+# torch's suffix for extra state in Module.state_dict().
+_STATE_DICT_EXTRA_KEY = "_extra_state"
+_EXTRA_KEYS = (EXTRA_STATE_KEY, _STATE_DICT_EXTRA_KEY)
+# Plans kept per destination, one per source object; a destination fed from more sources
+# than this rebuilds the least recently added plan.
+_MAX_SOURCES_PER_DESTINATION = 4
+
+Key = tuple[str, ...]
+
+
+def _key_str(key: Key) -> str:
+    return ".".join(key) if key else "<root>"
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}[{', '.join(map(str, t.shape))}]"
+
+
+def _as_key(key: str | tuple[str, ...]) -> Key:
+    return key if isinstance(key, tuple) else (key,)
+
+
+def _defines(module: nn.Module, method: str) -> bool:
+    """True when ``module`` overrides ``nn.Module.<method>`` (get/set_extra_state)."""
+    return getattr(type(module), method) is not getattr(nn.Module, method)
+
+
+def _extra_state_modules(module: nn.Module, method: str) -> dict[Key, nn.Module]:
+    return {
+        tuple(name.split(".")) if name else (): sub
+        for name, sub in module.named_modules()
+        if _defines(sub, method)
+    }
+
+
+def _set_extra(td: TensorDictBase, path: Key, value: Any) -> None:
+    """Store ``value`` (anything get_extra_state returns) under ``path + (EXTRA_STATE_KEY,)``."""
+    key = (*path, EXTRA_STATE_KEY)
+    if isinstance(value, torch.Tensor):
+        td.set(key, value)
+    elif isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        td.set(key, _dict_to_td(value))
+    else:
+        td.set_non_tensor(key, value)
+
+
+def _dict_to_td(value: Mapping[str, Any]) -> TensorDict:
+    # Non-tensors are stored as non-tensor data (not converted to tensors as TensorDict(dict)
+    # would), so an int stays an int through extract -> apply.
+    td = TensorDict()
+    for k, v in value.items():
+        if isinstance(v, torch.Tensor):
+            td.set(k, v)
+        elif isinstance(v, Mapping) and all(isinstance(kk, str) for kk in v):
+            td.set(k, _dict_to_td(v))
+        else:
+            td.set_non_tensor(k, v)
+    return td
+
+
+def _extra_from_tree(value: Any) -> Any:
+    """The Python value to hand to ``set_extra_state``; tensors are cloned so the module never
+    aliases the weights it was given (they may be a transport's buffer)."""
+    if is_non_tensor(value):
+        return value.data
+    if isinstance(value, TensorDictBase):
+        return {k: _extra_from_tree(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: _extra_from_tree(v) for k, v in value.items()}
+    return value
+
+
+class _At:
+    """A reference to the entry of a weights tree at ``key`` (read when it is applied)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Key) -> None:
+        self.key = key
+
+
+def _resolve(tree: Any, value: Any) -> Any:
+    return tree.get(value.key) if isinstance(value, _At) else value
+
+
+class _Flat:
+    """One weight tree as ordered (key, tensor) pairs plus its extra-state entries."""
+
+    __slots__ = ("keys", "tensors", "extra")
+
+    def __init__(self) -> None:
+        self.keys: list[Key] = []
+        self.tensors: list[torch.Tensor] = []
+        # module path -> its extra state: an _At into the tree, or the value itself;
+        # for a module destination: the submodule that takes it
+        self.extra: dict[Key, Any] = {}
+
+    def add(self, key: Key, value: Any, where: str) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedWeightsError(
+                f"{where}: key {_key_str(key)!r} holds a {type(value).__name__}, expected a tensor"
+            )
+        self.keys.append(key)
+        self.tensors.append(value)
+
+
+def _flatten_td(td: TensorDictBase, where: str) -> _Flat:
+    flat = _Flat()
+    extra_keys = []
+    for key in td.keys(include_nested=True):
+        key = _as_key(key)
+        if key[-1] == EXTRA_STATE_KEY and EXTRA_STATE_KEY not in key[:-1]:
+            extra_keys.append(key)
+            flat.extra[key[:-1]] = _At(key)
+    leaves = td.exclude(*extra_keys) if extra_keys else td
+    for key, value in leaves.items(include_nested=True, leaves_only=True):
+        flat.add(_as_key(key), value, where)
+    return flat
+
+
+def _flatten_mapping(mapping: Mapping[Any, Any], where: str, prefix: Key = (),
+                     flat: _Flat | None = None) -> _Flat:
+    flat = _Flat() if flat is None else flat
+    for name, value in mapping.items():
+        if not isinstance(name, str):
+            raise UnsupportedWeightsError(
+                f"{where}: key {name!r} under {_key_str(prefix)!r} is a {type(name).__name__}, "
+                "expected a str"
+            )
+        key = (*prefix, *name.split("."))
+        if key[-1] in _EXTRA_KEYS:
+            flat.extra[key[:-1]] = value
+        elif isinstance(value, TensorDictBase):
+            sub = _flatten_td(value, where)
+            flat.keys.extend((*key, *k) for k in sub.keys)
+            flat.tensors.extend(sub.tensors)
+            flat.extra.update({(*key, *p): _resolve(value, v) for p, v in sub.extra.items()})
+        elif isinstance(value, Mapping):
+            _flatten_mapping(value, where, key, flat)
+        else:
+            flat.add(key, value, where)
+    return flat
+
+
+def _flatten(tree: Any, where: str) -> _Flat:
+    if isinstance(tree, nn.Module):
+        flat = _flatten_td(TensorDict.from_module(tree), where)
+        flat.extra = _extra_state_modules(tree, "set_extra_state")
+        return flat
+    if isinstance(tree, TensorDictBase):
+        return _flatten_td(tree, where)
+    if isinstance(tree, Mapping):
+        return _flatten_mapping(tree, where)
+    raise UnsupportedWeightsError(
+        f"{where} must be an nn.Module, a TensorDict or a dict of tensors, got "
+        f"{type(tree).__name__}"
+    )
+
+
+def _check_layouts(dst: _Flat, src: _Flat, dst_is_module: bool) -> None:
+    """Raise the typed error for the first difference between the two trees."""
+    src_index = {k: i for i, k in enumerate(src.keys)}
+    dst_index = {k: i for i, k in enumerate(dst.keys)}
+    missing = [k for k in dst.keys if k not in src_index]
+    unexpected = [k for k in src.keys if k not in dst_index]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            k = missing[0]
+            parts.append(
+                f"destination key {_key_str(k)!r} ({_describe(dst.tensors[dst_index[k]])}) is "
+                f"missing from the weights ({len(missing)} missing in all)"
+            )
+        if unexpected:
+            k = unexpected[0]
+            parts.append(
+                f"weights key {_key_str(k)!r} ({_describe(src.tensors[src_index[k]])}) is not "
+                f"in the destination ({len(unexpected)} unexpected in all)"
+            )
+        raise KeyMismatchError("; ".join(parts))
+    for key, d in zip(dst.keys, dst.tensors):
+        s = src.tensors[src_index[key]]
+        if d.shape != s.shape:
+            raise ShapeMismatchError(
+                f"key {_key_str(key)!r}: destination shape [{', '.join(map(str, d.shape))}] != "
+                f"weights shape [{', '.join(map(str, s.shape))}]"
+            )
+        if d.dtype != s.dtype:
+            raise DTypeMismatchError(
+                f"key {_key_str(key)!r}: destination dtype {str(d.dtype).removeprefix('torch.')} "
+                f"!= weights dtype {str(s.dtype).removeprefix('torch.')}"
+            )
+    if dst_is_module:
+        for path in src.extra:
+            if path not in dst.extra:
+                raise KeyMismatchError(
+                    f"weights carry extra state for module {_key_str(path)!r}, but the "
+                    "destination has no module there that defines set_extra_state"
+                )
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )
+
+
+_INDEX = re.compile(r"\bindex (\d+)|\b(?:dst|src)\[(\d+)\]")
+
+
+def _name_plan_indices(exc: WeightSyncError, keys: list[Key]) -> WeightSyncError:
+    """The engine names list indices; add the weight keys they stand for."""
+    found = []
+    for match in _INDEX.finditer(str(exc)):
+        i = int(match.group(1) or match.group(2))
+        if i < len(keys) and i not in found:
+            found.append(i)
+    if not found:
+        return exc
+    names = ", ".join(f"index {i} is key {_key_str(keys[i])!r}" for i in found)
+    return type(exc)(f"{exc} ({names})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots: cheap tests that a tree is still the one a plan was built for.
+# ---------------------------------------------------------------------------------------------
+
+
+class _LockedSnapshot:
+    """A locked TensorDict: tensordict builds a fresh schema object at every ``lock_()`` and
+    drops it at ``unlock_()``, and a locked tree (sub-trees included) can neither gain, lose
+    nor replace an entry. The schema's identity is therefore a token for the tree's shape."""
+
+    __slots__ = ("schema",)
+
+    def __init__(self, schema: object) -> None:
+        self.schema = schema
+
+    def unchanged(self, td: Any) -> bool:
+        return td.__dict__.get("_locked_schema") is self.schema
+
+
+_COMPARABLE_TYPES = (torch.Tensor, nn.Parameter, TensorDict)
+
+
+class _SameObjects:
+    """Tests that a container still holds the very objects it held, in the same order.
+
+    It keeps the objects (so their ids cannot be reused while it lives). The test costs a few
+    nanoseconds per object and does no per-object Python work:
+
+    - Fast form, when every object is a tensor (exact type ``Tensor`` or ``Parameter``) with
+      other than one element, or a plain TensorDict: compare the lists of types, then the
+      lists of objects. List equality tests identity first, so identical lists never call
+      ``__eq__``. A different object of the same type makes ``__eq__`` return a tensor of
+      several (or zero) elements, or a TensorDict, whose truth value raises: that is caught and
+      means "changed". Nothing can compare equal without being the same object.
+    - Otherwise (one-element tensors, non-tensor data): compare the lists of ids.
+
+    ``parameters=True`` (a module's ``_parameters``, which only ever holds ``Parameter`` or
+    ``None``: ``Module.__setattr__`` refuses anything else) skips the type comparison.
+    """
+
+    __slots__ = ("objects", "types", "check_types", "ids", "skip")
+
+    def __init__(self, objects: list[Any], skip: int = -1, parameters: bool = False) -> None:
+        self.objects = objects
+        self.skip = skip  # a position not compared (the extra-state entry), or -1
+        fast = skip < 0 and all(
+            type(o) in _COMPARABLE_TYPES and (type(o) is TensorDict or o.numel() != 1)
+            for o in objects
+        )
+        self.check_types = not parameters
+        self.types = list(map(type, objects)) if fast else None
+        self.ids = None if fast else self._ids(objects)
+
+    def _ids(self, objects: list[Any]) -> list[int]:
+        ids = list(map(id, objects))
+        if 0 <= self.skip < len(ids):
+            ids[self.skip] = 0
+        return ids
+
+    def matches(self, objects: list[Any]) -> bool:
+        if self.types is None:
+            return self._ids(objects) == self.ids
+        if self.check_types and list(map(type, objects)) != self.types:
+            return False
+        try:
+            return self.objects == objects
+        except Exception:  # a different object was compared: see the class docs
+            return False
+
+
+class _WalkSnapshot:
+    """An unlocked TensorDict: every container's keys and values (see :class:`_SameObjects`).
+
+    It holds the sub-trees and values but not the root (the cache holds roots weakly). Values
+    under ``__extra_state__`` are not compared: they are re-read at every update anyway.
+    """
+
+    __slots__ = ("nodes", "keys", "values")
+
+    def __init__(self, td: TensorDict) -> None:
+        self.nodes: list[TensorDict] = []  # the sub-trees; the root is passed to unchanged()
+        self.keys: list[list[str]] = []
+        self.values: list[_SameObjects] = []
+        stack = [td]
+        while stack:
+            node = stack.pop()
+            d = node._tensordict
+            keys = list(d)
+            if node is not td:
+                self.nodes.append(node)
+            self.keys.append(keys)
+            skip = keys.index(EXTRA_STATE_KEY) if EXTRA_STATE_KEY in d else -1
+            self.values.append(_SameObjects(list(d.values()), skip))
+            for k, v in d.items():
+                if k == EXTRA_STATE_KEY:
+                    continue
+                if type(v) is TensorDict:
+                    stack.append(v)
+                elif isinstance(v, TensorDictBase):
+                    raise _Uncacheable
+
+    def unchanged(self, td: Any) -> bool:
+        for node, keys, values in zip((td, *self.nodes), self.keys, self.values):
+            d = node._tensordict
+            if list(d) != keys or not values.matches(list(d.values())):
+                return False
+        return True
+
+
+class _ModuleSnapshot:
+    """A module: per submodule, its identity, child names, and parameters and buffers.
+
+    Submodules are held weakly (one may point back at the root, which must stay
+    collectable); parameters and buffers strongly, through :class:`_SameObjects`.
+    """
+
+    __slots__ = ("modules", "names", "params", "buffers")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.modules: list[weakref.ReferenceType] = []
+        self.names: list[list[str]] = []
+        self.params: list[tuple[list[str], _SameObjects]] = []
+        self.buffers: list[tuple[list[str], _SameObjects]] = []
+        for m in module.modules():
+            self.modules.append(weakref.ref(m))
+            self.names.append(list(m._modules))
+            self.params.append((list(m._parameters),
+                                _SameObjects(list(m._parameters.values()), parameters=True)))
+            self.buffers.append((list(m._buffers), _SameObjects(list(m._buffers.values()))))
+
+    def unchanged(self, module: Any) -> bool:
+        count = 0
+        for i, m in enumerate(module.modules()):
+            if i >= len(self.modules) or self.modules[i]() is not m:
+                return False
+            params, buffers = m._parameters, m._buffers
+            pkeys, pvalues = self.params[i]
+            bkeys, bvalues = self.buffers[i]
+            if (
+                list(m._modules) != self.names[i]
+                or list(params) != pkeys
+                or list(buffers) != bkeys
+                or not pvalues.matches(list(params.values()))
+                or not bvalues.matches(list(buffers.values()))
+            ):
+                return False
+            count = i + 1
+        return count == len(self.modules)
+
+
+class _Uncacheable(Exception):
+    """Internal: the tree cannot be fingerprinted cheaply; plans for it are not cached."""
+
+
+def _snapshot(tree: Any) -> _LockedSnapshot | _WalkSnapshot | _ModuleSnapshot:
+    if isinstance(tree, nn.Module):
+        return _ModuleSnapshot(tree)
+    if type(tree) is TensorDict:
+        if tree.is_locked:
+            schema = tree.__dict__.get("_locked_schema")
+            if schema is not None:
+                return _LockedSnapshot(schema)
+        return _WalkSnapshot(tree)
+    raise _Uncacheable
+
+
+# ---------------------------------------------------------------------------------------------
+# Bindings: a validated (destination, source) pair with its copy plan.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Binding:
+    __slots__ = ("plan", "keys", "extra", "dst_snapshot", "src_snapshot", "src_ref")
+
+    def __init__(self, plan: CopyPlan | None, keys: list[Key],
+                 extra: list[tuple[Key, Callable[[], nn.Module | None], Any]]) -> None:
+        self.plan = plan
+        self.keys = keys
+        self.extra = extra
+        self.dst_snapshot: Any = None
+        self.src_snapshot: Any = None
+        self.src_ref: weakref.ReferenceType | None = None
+
+    def run(self, src: Any) -> None:
+        if self.plan is not None:
+            try:
+                # The engine copies under torch.no_grad() (parameters that require grad are
+                # leaves autograd would refuse to write in place); no second guard here.
+                self.plan.run()
+            except WeightSyncError as exc:
+                raise _name_plan_indices(exc, self.keys) from None
+        for path, module_ref, src_key in self.extra:
+            module = module_ref()
+            if module is None:
+                raise KeyMismatchError(
+                    f"destination module {_key_str(path)!r} that takes the extra state is gone"
+                )
+            module.set_extra_state(_extra_from_tree(_resolve(src, src_key)))
+
+
+def _bind(destination: Any, weights: Any) -> _Binding:
+    dst = _flatten(destination, "destination")
+    src = _flatten(weights, "weights")
+    dst_is_module = isinstance(destination, nn.Module)
+    _check_layouts(dst, src, dst_is_module)
+    src_index = {k: i for i, k in enumerate(src.keys)}
+    dst_list: list[torch.Tensor] = []
+    src_list: list[torch.Tensor] = []
+    keys: list[Key] = []
+    seen: set[tuple] = set()
+    for key, d in zip(dst.keys, dst.tensors):
+        s = src.tensors[src_index[key]]
+        if d.numel() == 0 or d is s or _same_memory(d, s):
+            continue  # nothing to move: empty, or pushing a tree into itself
+        ident = (d.device, d.data_ptr(), d.dtype, d.shape, d.stride())
+        if ident in seen:
+            continue  # tied weights: one tensor under two keys is written once
+        seen.add(ident)
+        dst_list.append(d)
+        src_list.append(s)
+        keys.append(key)
+    plan = None
+    if dst_list:
+        try:
+            plan = CopyPlan(dst_list, src_list)
+        except WeightSyncError as exc:
+            raise _name_plan_indices(exc, keys) from None
+    extra = []
+    if dst_is_module:
+        for path, src_key in src.extra.items():
+            extra.append((path, weakref.ref(dst.extra[path]), src_key))
+    return _Binding(plan, keys, extra)
+
+
+class _DestinationEntry:
+    __slots__ = ("ref", "bindings")
+
+    def __init__(self, ref: weakref.ReferenceType) -> None:
+        self.ref = ref
+        self.bindings: dict[int, _Binding] = {}
+
+
+class _ExtractEntry:
+    __slots__ = ("ref", "snapshot", "td", "extra_modules")
+
+    def __init__(self, ref: weakref.ReferenceType, snapshot: _ModuleSnapshot, td: TensorDict,
+                 extra_modules: dict[Key, nn.Module]) -> None:
+        self.ref = ref
+        self.snapshot = snapshot
+        self.td = td
+        self.extra_modules = {p: weakref.ref(m) for p, m in extra_modules.items()}
+
+
+class WeightStrategy:
+    """Extracts weights from a source and applies weights to a destination.
+
+    Args:
+        extract_as: the format :meth:`extract_weights` returns: ``"tensordict"`` (default) for
+            a nested :class:`~tensordict.TensorDict` keyed like ``TensorDict.from_module``, or
+            ``"state_dict"`` for a flat ``{"a.b": tensor}`` dict. :meth:`apply_weights` accepts
+            both formats whatever this is.
+
+    Raises:
+        InvalidArgumentError: ``extract_as`` is neither of the two.
+
+    A strategy caches one copy plan per (destination, source) pair it has applied, holding
+    both weakly; see the module docs. It pickles without its caches.
+    """
+
+    def __init__(self, extract_as: Literal["tensordict", "state_dict"] = "tensordict") -> None:
+        if extract_as not in ("tensordict", "state_dict"):
+            raise InvalidArgumentError(
+                f"extract_as must be 'tensordict' or 'state_dict', got {extract_as!r}"
+            )
+        self.extract_as: Literal["tensordict", "state_dict"] = extract_as
+        self._destinations: dict[int, _DestinationEntry] = {}
+        self._extracted: dict[int, _ExtractEntry] = {}
+
+    def __repr__(self) -> str:
+        return f"WeightStrategy(extract_as={self.extract_as!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"extract_as": self.extract_as}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["extract_as"])
+
+    # -- extraction ----------------------------------------------------------------------------
+
+    def extract_weights(self, source: Any) -> TensorDictBase | dict[str, Any]:
+        """The weights of ``source`` in the format chosen by ``extract_as``.
+
+        Args:
+            source: an ``nn.Module``, a TensorDict or a state_dict-like dict.
+
+        Returns:
+            ``"tensordict"``: a TensorDict of the module's parameters and buffers (the live
+            tensors, not copies), with each module's extra state under ``"__extra_state__"``;
+            a TensorDict source is returned as is, and a dict is nested at its dots.
+            ``"state_dict"``: ``module.state_dict()``, the dict itself, or the TensorDict
+            flattened to dotted keys.
+
+            For a module, the TensorDict is reused while the module keeps the same parameter
+            and buffer objects (it is locked unless the module has extra state, which is
+            refreshed at every call).
+
+        Raises:
+            UnsupportedWeightsError: ``source`` is of another type.
+        """
+        if self.extract_as == "tensordict":
+            if isinstance(source, nn.Module):
+                return self._module_tree(source)
+            if isinstance(source, TensorDictBase):
+                return source
+            if isinstance(source, Mapping):
+                return _mapping_to_td(source)
+        else:
+            if isinstance(source, nn.Module):
+                return source.state_dict()
+            if isinstance(source, TensorDictBase):
+                return _td_to_state_dict(source)
+            if isinstance(source, Mapping):
+                return source  # type: ignore[return-value]
+        raise UnsupportedWeightsError(
+            f"cannot extract weights from a {type(source).__name__}; expected an nn.Module, "
+            "a TensorDict or a dict of tensors"
+        )
+
+    def _module_tree(self, module: nn.Module) -> TensorDict:
+        entry = self._extracted.get(id(module))
+        if entry is not None and entry.ref() is module and entry.snapshot.unchanged(module):
+            for path, ref in entry.extra_modules.items():
+                sub = ref()
+                if sub is None:
+                    break
+                _set_extra(entry.td, path, sub.get_extra_state())
+            else:
+                return entry.td
+        td = TensorDict.from_module(module)
+        extra_modules = _extra_state_modules(module, "get_extra_state")
+        for path, sub in extra_modules.items():
+            _set_extra(td, path, sub.get_extra_state())
+        if not extra_modules:
+            td.lock_()
+        ref = weakref.ref(module, _dropper(self._extracted, id(module), "ref"))
+        self._extracted[id(module)] = _ExtractEntry(ref, _ModuleSnapshot(module), td,
+                                                    extra_modules)
+        return td
+
+    # -- application ---------------------------------------------------------------------------
+
+    def apply_weights(self, destination: Any, weights: Any, inplace: bool = True) -> None:
+        """Write ``weights`` into ``destination``.
+
+        Args:
+            destination: an ``nn.Module``, a TensorDict or a dict of tensors.
+            weights: a TensorDict, a dict (flat dotted keys or nested), or an ``nn.Module``
+                whose weights are taken; ``None`` does nothing.
+            inplace: ``True`` copies the values into the destination's existing tensors
+                (through the engine, under ``torch.no_grad()``); ``False`` makes the
+                destination point at the given tensors: a module's parameters stay
+                ``nn.Parameter`` (same ``requires_grad``) and its buffers stay buffers; a
+                TensorDict's entries are replaced.
+
+        Both trees must have the same keys and, per key, the same shape and dtype; devices may
+        differ. Extra state in ``weights`` is applied with ``set_extra_state`` when the
+        destination is a module and ignored otherwise.
+
+        Raises:
+            KeyMismatchError / ShapeMismatchError / DTypeMismatchError: naming the first key
+                that differs and both values; nothing was written.
+            UnsupportedWeightsError: a type the strategy does not handle.
+            InvalidArgumentError: ``inplace=False`` into a plain dict or a locked TensorDict.
+        """
+        if weights is None:
+            return
+        if isinstance(weights, nn.Module):
+            weights = self._module_tree(weights)
+        elif not isinstance(weights, (TensorDictBase, Mapping)):
+            raise UnsupportedWeightsError(
+                f"weights must be a TensorDict, a dict of tensors or an nn.Module, got "
+                f"{type(weights).__name__}"
+            )
+        if not inplace:
+            _apply_out_of_place(destination, weights)
+            return
+        self._binding(destination, weights).run(weights)
+
+    def validate(self, destination: Any, weights: Any) -> None:
+        """Check that ``weights`` fit ``destination`` for an in-place apply; copy nothing.
+
+        Raises the errors :meth:`apply_weights` would raise. The copy plan it builds is cached,
+        so a following ``apply_weights(destination, weights)`` only runs it. Used to check
+        every destination before writing any of them.
+        """
+        if weights is None:
+            return
+        if isinstance(weights, nn.Module):
+            weights = self._module_tree(weights)
+        elif not isinstance(weights, (TensorDictBase, Mapping)):
+            raise UnsupportedWeightsError(
+                f"weights must be a TensorDict, a dict of tensors or an nn.Module, got "
+                f"{type(weights).__name__}"
+            )
+        self._binding(destination, weights)
+
+    def _binding(self, destination: Any, weights: Any) -> _Binding:
+        entry = self._destinations.get(id(destination))
+        if entry is not None and entry.ref() is destination:
+            binding = entry.bindings.get(id(weights))
+            if (
+                binding is not None
+                and binding.src_ref is not None
+                and binding.src_ref() is weights
+                and binding.dst_snapshot.unchanged(destination)
+                and binding.src_snapshot.unchanged(weights)
+            ):
+                return binding
+        binding = _bind(destination, weights)
+        try:
+            binding.dst_snapshot = _snapshot(destination)
+            binding.src_snapshot = _snapshot(weights)
+            if entry is None or entry.ref() is not destination:
+                entry = _DestinationEntry(
+                    weakref.ref(destination, _dropper(self._destinations, id(destination), "ref"))
+                )
+                self._destinations[id(destination)] = entry
+            binding.src_ref = weakref.ref(weights, _dropper(entry.bindings, id(weights), "src_ref"))
+        except (_Uncacheable, TypeError):  # TypeError: not weakly referenceable
+            return binding
+        entry.bindings.pop(id(weights), None)
+        if len(entry.bindings) >= _MAX_SOURCES_PER_DESTINATION:
+            entry.bindings.pop(next(iter(entry.bindings)))
+        entry.bindings[id(weights)] = binding
+        return binding
+
+
+def _dropper(cache: dict[int, Any], key: int, attr: str) -> Callable[[weakref.ReferenceType], None]:
+    """A weakref callback that removes ``cache[key]`` when its referent dies, unless the slot
+    was meanwhile reused for a new object with the same id."""
+
+    def drop(ref: weakref.ReferenceType) -> None:
+        entry = cache.get(key)
+        if entry is not None and getattr(entry, attr) is ref:
+            del cache[key]
+
+    return drop
+
+
+def _apply_out_of_place(destination: Any, weights: Any) -> None:
+    if isinstance(destination, Mapping) and not isinstance(destination, TensorDictBase):
+        raise InvalidArgumentError(
+            "cannot apply weights out of place (inplace=False) to a plain dict; use inplace=True"
+        )
+    if isinstance(destination, TensorDictBase) and destination.is_locked:
+        raise InvalidArgumentError(
+            "cannot replace the entries of a locked TensorDict (inplace=False); unlock it or "
+            "use inplace=True"
+        )
+    dst = _flatten(destination, "destination")
+    src = _flatten(weights, "weights")
+    _check_layouts(dst, src, isinstance(destination, nn.Module))
+    src_by_key = dict(zip(src.keys, src.tensors))
+    if isinstance(destination, TensorDictBase):
+        for key in dst.keys:
+            destination.set(key, src_by_key[key])
+        return
+    for key, current in zip(dst.keys, dst.tensors):
+        new = src_by_key[key]
+        owner = destination.get_submodule(".".join(key[:-1]))
+        if isinstance(current, nn.Parameter):
+            if not (isinstance(new, nn.Parameter) and new.requires_grad == current.requires_grad):
+                new = nn.Parameter(new, requires_grad=current.requires_grad)
+        elif isinstance(new, nn.Parameter):
+            new = new.detach()
+        setattr(owner, key[-1], new)
+    for path, src_key in src.extra.items():
+        dst.extra[path].set_extra_state(_extra_from_tree(_resolve(weights, src_key)))
+
+
+def _mapping_to_td(mapping: Mapping[Any, Any]) -> TensorDict:
+    flat = _flatten_mapping(mapping, "source")
+    td = TensorDict()
+    for key, value in zip(flat.keys, flat.tensors):
+        td.set(key, value)
+    for path, value in flat.extra.items():
+        _set_extra(td, path, _extra_from_tree(value) if is_non_tensor(value) else value)
+    return td
+
+
+def _td_to_state_dict(td: TensorDictBase) -> dict[str, Any]:
+    flat = _flatten_td(td, "source")
+    out: dict[str, Any] = {".".join(k): v for k, v in zip(flat.keys, flat.tensors)}
+    for path, src_key in flat.extra.items():
+        out[".".join((*path, _STATE_DICT_EXTRA_KEY))] = _extra_from_tree(_resolve(td, src_key))
+    return out
