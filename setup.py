@@ -47,10 +47,39 @@ def _pip_cuda_include_dirs() -> list[str]:
     return dirs
 
 
+def _is_cuda_toolkit(root: Path) -> bool:
+    return (root / "include" / "crt" / "host_config.h").exists() and any(
+        (root / lib / "libcudart.so").exists() for lib in ("lib64", "lib"))
+
+
+def _guess_cuda_home() -> None:
+    """Point CUDA_HOME at a real toolkit before torch guesses.
+
+    torch derives CUDA_HOME from the nvcc on PATH; when that is a wrapper script (as in
+    /usr/local/bin/nvcc -> exec /usr/local/cuda-13.0/bin/nvcc) it picks /usr/local, which has
+    neither the CUDA headers nor libcudart, and the link fails.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parents[1])
+        if Path(nvcc).stat().st_size < 4096:  # a wrapper script, not the compiler itself
+            wrapped = Path(nvcc).read_text(errors="ignore").split()
+            candidates += [Path(w).parents[1] for w in wrapped if w.endswith("/nvcc")]
+    candidates.append(Path("/usr/local/cuda"))
+    for root in candidates:
+        if _is_cuda_toolkit(root):
+            os.environ["CUDA_HOME"] = str(root)
+            return
+
+
 def _extensions() -> tuple[list, dict, dict]:
     if not _flag("WEIGHTSYNC_BUILD_EXT", True):
         return [], {}, {"extension": False, "reason": "WEIGHTSYNC_BUILD_EXT=0"}
 
+    _guess_cuda_home()
     import torch
     from torch.utils import cpp_extension
 

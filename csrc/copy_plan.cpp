@@ -1,6 +1,7 @@
 #include "copy_plan.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 
 #include "engine.h"
 
@@ -15,9 +16,14 @@ void dispatch_batched_copy(const std::vector<at::Tensor>& dst, const std::vector
   op.call(dst, src, non_blocking);
 }
 
-const void* ptr_of(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
-
 }  // namespace
+
+CopyPlan::Fingerprint CopyPlan::fingerprint(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const c10::Storage& storage = impl->unsafe_storage();
+  return {storage ? storage.unsafeGetStorageImpl()->data() : nullptr, impl->storage_offset(),
+          impl->numel(), impl->itemsize(), impl->is_contiguous()};
+}
 
 CopyPlan::CopyPlan(std::vector<at::Tensor> dst, std::vector<at::Tensor> src)
     : dst_(std::move(dst)), src_(std::move(src)) {
@@ -35,8 +41,8 @@ void CopyPlan::rebuild() {
   for (std::size_t i = 0; i < dst_.size(); ++i) {
     host_only_ = host_only_ && dst_[i].is_cpu() && src_[i].is_cpu();
     nbytes_ += nbytes_of(dst_[i]);
-    fingerprints_.push_back({ptr_of(dst_[i]), nbytes_of(dst_[i])});
-    fingerprints_.push_back({ptr_of(src_[i]), nbytes_of(src_[i])});
+    fingerprints_.push_back(fingerprint(dst_[i]));
+    fingerprints_.push_back(fingerprint(src_[i]));
   }
   spans_.clear();
   strided_.clear();
@@ -45,15 +51,16 @@ void CopyPlan::rebuild() {
 
 bool CopyPlan::is_valid() const {
   for (std::size_t i = 0; i < dst_.size(); ++i) {
-    const Fingerprint& d = fingerprints_[2 * i];
-    const Fingerprint& s = fingerprints_[2 * i + 1];
-    if (ptr_of(dst_[i]) != d.ptr || nbytes_of(dst_[i]) != d.nbytes) return false;
-    if (ptr_of(src_[i]) != s.ptr || nbytes_of(src_[i]) != s.nbytes) return false;
+    if (!(fingerprint(dst_[i]) == fingerprints_[2 * i])) return false;
+    if (!(fingerprint(src_[i]) == fingerprints_[2 * i + 1])) return false;
   }
   return true;
 }
 
 void CopyPlan::run(bool non_blocking) {
+  // Weight copies are never part of a graph; this also lets parameters that require grad
+  // be written outside torch.no_grad().
+  c10::AutoGradMode no_grad(false);
   if (!is_valid()) rebuild();
   if (!host_only_) {
     dispatch_batched_copy(dst_, src_, non_blocking);

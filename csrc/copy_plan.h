@@ -30,10 +30,18 @@ class CopyPlan : public torch::CustomClassHolder {
   std::int64_t rebuilds() const { return rebuilds_; }
 
  private:
+  // What a reallocation changes: `param.data = x` and resize_ swap the storage or its
+  // allocation under the same TensorImpl. Read through the impl without the checks of
+  // data_ptr() (which also materialises copy-on-write storage): this runs every sync.
   struct Fingerprint {
-    const void* ptr;
-    std::size_t nbytes;
+    const void* storage_data;
+    std::int64_t storage_offset;
+    std::int64_t numel;
+    std::size_t itemsize;
+    bool contiguous;
+    bool operator==(const Fingerprint&) const = default;
   };
+  static Fingerprint fingerprint(const at::Tensor& t);
 
   std::vector<at::Tensor> dst_;
   std::vector<at::Tensor> src_;

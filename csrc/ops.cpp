@@ -36,7 +36,7 @@ TORCH_LIBRARY(weightsync, m) {
 
   m.class_<CopyPlan>("CopyPlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>>())
-      .def("run", &CopyPlan::run)
+      .def("run", &CopyPlan::run, "", {torch::arg("non_blocking") = false})
       .def("is_valid", &CopyPlan::is_valid)
       .def("rebuild", &CopyPlan::rebuild)
       .def("nbytes", &CopyPlan::nbytes)

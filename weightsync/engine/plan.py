@@ -61,8 +61,7 @@ class _NativePlan:
 
     def run(self, non_blocking: bool) -> None:
         try:
-            with torch.no_grad():
-                self._plan.run(non_blocking)
+            self._plan.run(non_blocking)  # the plan turns grad mode off itself, in C++
         except (RuntimeError, ValueError, TypeError) as exc:
             raise translate_native_error(exc) from None
 
