@@ -37,6 +37,7 @@ struct Chunk {
 };
 
 std::vector<Chunk> make_chunks(const CopySpan* spans, std::size_t count, std::size_t chunk_bytes) {
+  chunk_bytes = std::max<std::size_t>(chunk_bytes, 1);  // 0 would never advance past a span
   std::vector<Chunk> chunks;
   std::size_t group_start = 0;
   std::size_t group_bytes = 0;

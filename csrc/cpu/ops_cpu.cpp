@@ -25,7 +25,8 @@ void unpack_cpu(const at::Tensor& flat, at::TensorList dst, at::IntArrayRef offs
 
 const std::int32_t* futex_word(const at::Tensor& word, const char* op) {
   WS_CHECK(word.scalar_type() == at::kInt && word.numel() == 1, "argument", op,
-           ": word must be a 1-element int32 tensor, got ", word.scalar_type(), word.sizes());
+           ": word must be a 1-element int32 tensor, got ",
+           c10::getDtypeNames(word.scalar_type()).first, word.sizes());
   WS_CHECK(reinterpret_cast<std::uintptr_t>(word.data_ptr()) % 4 == 0, "argument", op,
            ": word must be 4-byte aligned");
   return static_cast<const std::int32_t*>(word.data_ptr());
@@ -33,7 +34,6 @@ const std::int32_t* futex_word(const at::Tensor& word, const char* op) {
 
 bool futex_wait_cpu(const at::Tensor& word, std::int64_t expected, double timeout_s) {
   const std::int32_t* w = futex_word(word, "futex_wait");
-  // Waits can be long: let other Python threads run meanwhile.
   return core::futex_wait(w, static_cast<std::int32_t>(expected), timeout_s);
 }
 
