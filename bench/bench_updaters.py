@@ -37,6 +37,7 @@ import importlib.util
 import pytest
 import torch
 from tensordict import TensorDict
+from conftest import selected_sets
 from weight_sets import WEIGHT_SETS, make_module, payload_nbytes
 
 from weightsync.engine import CopyPlan
@@ -129,8 +130,8 @@ def _summary(request):
 _SIZES: dict[str, tuple[int, int]] = {}
 
 
-@pytest.mark.parametrize("name, method", [(n, m) for n in WEIGHT_SETS for m in METHODS],
-                         ids=[f"{n}-{m}" for n in WEIGHT_SETS for m in METHODS])
+@pytest.mark.parametrize("name, method", [(n, m) for n in selected_sets() for m in METHODS],
+                         ids=[f"{n}-{m}" for n in selected_sets() for m in METHODS])
 def test_push_weights(benchmark, name: str, method: str) -> None:
     if method == "torchrl" and not HAVE_TORCHRL:
         pytest.skip("torchrl is not installed")

@@ -3,6 +3,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 
+#include <cstdio>
+
 #include "engine.h"
 
 namespace weightsync {
@@ -71,3 +73,16 @@ void CopyPlan::run(bool non_blocking) {
 }
 
 }  // namespace weightsync
+
+extern "C" int weightsync_plan_run(std::int64_t plan, int non_blocking, char* error,
+                                   std::size_t error_len) {
+  try {
+    reinterpret_cast<weightsync::CopyPlan*>(plan)->run(non_blocking != 0);
+    return 0;
+  } catch (const c10::Error& e) {
+    std::snprintf(error, error_len, "%s", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::snprintf(error, error_len, "%s", e.what());
+  }
+  return 1;
+}

@@ -28,6 +28,8 @@ class CopyPlan : public torch::CustomClassHolder {
   // "host-spans" (cached spans, no dispatch) or "dispatch" (the batched_copy_ op per run).
   std::string kernel() const { return host_only_ ? "host-spans" : "dispatch"; }
   std::int64_t rebuilds() const { return rebuilds_; }
+  // This object's address, for the C entry point below (the Python object keeps it alive).
+  std::int64_t address() const { return reinterpret_cast<std::int64_t>(this); }
 
  private:
   // What a reallocation changes: `param.data = x` and resize_ swap the storage or its
@@ -54,3 +56,10 @@ class CopyPlan : public torch::CustomClassHolder {
 };
 
 }  // namespace weightsync
+
+// The hot-path entry point for Python: run a plan through ctypes. A TorchScript method call
+// costs several microseconds (far more with cold caches), more than a small model's whole
+// copy; a C call costs a fraction of one and releases the GIL while bytes move.
+// Returns 0, or 1 with the error message (tag included) in `error`.
+extern "C" int weightsync_plan_run(std::int64_t plan, int non_blocking, char* error,
+                                   std::size_t error_len);

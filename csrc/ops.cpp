@@ -42,7 +42,8 @@ TORCH_LIBRARY(weightsync, m) {
       .def("nbytes", &CopyPlan::nbytes)
       .def("size", &CopyPlan::size)
       .def("kernel", &CopyPlan::kernel)
-      .def("rebuilds", &CopyPlan::rebuilds);
+      .def("rebuilds", &CopyPlan::rebuilds)
+      .def("address", &CopyPlan::address);
 }
 
 }  // namespace weightsync

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -90,13 +91,14 @@ struct Job {
 
 class Pool {
  public:
-  explicit Pool(int helpers) {
+  Pool(int helpers, std::chrono::microseconds spin) : spin_(spin) {
     for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { loop(); });
   }
   ~Pool() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
     for (auto& t : threads_) t.join();
@@ -110,9 +112,11 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       current_ = &job;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
-    wake_.notify_all();
+    // Spinning helpers see the new generation by themselves; the futex wake is only paid
+    // when one is parked.
+    if (parked_.load(std::memory_order_acquire) > 0) wake_.notify_all();
     job.work();
     std::unique_lock<std::mutex> lock(mutex_);
     current_ = nullptr;  // helpers arriving from now on skip this job
@@ -121,14 +125,29 @@ class Pool {
   }
 
  private:
+  // Spin, then park. Syncs tend to come in bursts (one per tensor group, one per worker), and
+  // a parked thread takes tens of microseconds to wake: longer than a whole small copy. A
+  // helper therefore spins (yielding the core, so a busy neighbour loses nothing) for a short
+  // while after each job before it parks. A helper that arrives late costs nothing: the
+  // caller never waits for a chunk nobody took.
   void loop() {
-    std::uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
+    std::uint64_t seen = generation_.load(std::memory_order_acquire);
     while (true) {
-      wake_.wait(lock, [&] { return stop_ || (generation_ != seen && current_ != nullptr); });
+      const auto deadline = std::chrono::steady_clock::now() + spin_;
+      while (generation_.load(std::memory_order_acquire) == seen &&
+             std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::yield();
+      }
+      std::unique_lock<std::mutex> lock(mutex_);
+      if (generation_.load(std::memory_order_relaxed) == seen) {
+        parked_.fetch_add(1, std::memory_order_release);
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+        parked_.fetch_sub(1, std::memory_order_release);
+      }
       if (stop_) return;
-      seen = generation_;
+      seen = generation_.load(std::memory_order_relaxed);
       Job* job = current_;
+      if (job == nullptr) continue;
       ++joined_;
       lock.unlock();
       job->work();
@@ -137,21 +156,24 @@ class Pool {
     }
   }
 
+  const std::chrono::microseconds spin_;
   std::vector<std::thread> threads_;
   std::mutex busy_;
   std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable left_;
   Job* current_ = nullptr;
-  std::uint64_t generation_ = 0;
+  std::atomic<std::uint64_t> generation_{0};
+  std::atomic<int> parked_{0};
   int joined_ = 0;
   bool stop_ = false;
 };
 
-Pool* pool_for(int max_threads) {
+Pool* pool_for(const CopyOptions& opts) {
   // Leaked on purpose: joining threads from a static destructor at exit can deadlock when the
   // process exits from a forked child or while another thread still copies.
-  static Pool* pool = new Pool(std::max(0, max_threads - 1));
+  static Pool* pool =
+      new Pool(std::max(0, opts.max_threads - 1), std::chrono::microseconds(opts.spin_us));
   return pool;
 }
 
@@ -165,6 +187,7 @@ const CopyOptions& default_copy_options() {
     o.max_threads = std::max(1, o.max_threads);
     o.parallel_min_bytes = env_size("WEIGHTSYNC_PARALLEL_MIN_BYTES", o.parallel_min_bytes);
     o.chunk_bytes = std::max<std::size_t>(4096, env_size("WEIGHTSYNC_CHUNK_BYTES", o.chunk_bytes));
+    o.spin_us = env_size("WEIGHTSYNC_SPIN_US", o.spin_us);
     return o;
   }();
   return options;
@@ -179,13 +202,16 @@ void copy_spans(const CopySpan* spans, std::size_t count, const CopyOptions& opt
     }
     return;
   }
-  const std::vector<Chunk> chunks = make_chunks(spans, count, opts.chunk_bytes);
+  constexpr std::size_t kMinChunk = std::size_t{64} << 10;
+  const std::size_t per_thread = total / (4 * static_cast<std::size_t>(opts.max_threads));
+  const std::size_t chunk = std::min(opts.chunk_bytes, std::max(kMinChunk, per_thread));
+  const std::vector<Chunk> chunks = make_chunks(spans, count, chunk);
   Job job;
   job.spans = spans;
   job.chunks = &chunks;
   // The pool is sized by the first caller's options; later callers asking for fewer threads
   // still share it, which only matters for tests that vary the count.
-  if (!pool_for(opts.max_threads)->run(job)) job.work();
+  if (!pool_for(opts)->run(job)) job.work();
 }
 
 }  // namespace weightsync::core

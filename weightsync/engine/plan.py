@@ -9,10 +9,13 @@ and do the same pointer check in Python.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 
+from weightsync import _extension
 from weightsync.engine.backends import backend_for
 from weightsync.engine.validate import check_copy_lists, nbytes_of, translate_native_error
 
@@ -45,12 +48,27 @@ class _PythonPlan:
         self._backend.batched_copy_(self._dst, self._src, non_blocking)
 
 
+@cache
+def _c_run():
+    """``weightsync_plan_run`` from the loaded library, through ctypes (see copy_plan.h)."""
+    fn = ctypes.CDLL(_extension.load().path).weightsync_plan_run
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_ERROR_LEN = 4096
+
+
 class _NativePlan:
     def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         try:
             self._plan = torch.classes.weightsync.CopyPlan(dst, src)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise translate_native_error(exc) from None
+        self._address = self._plan.address()
+        self._run = _c_run()
+        self._error = ctypes.create_string_buffer(_ERROR_LEN)
 
     @property
     def rebuilds(self) -> int:
@@ -60,10 +78,9 @@ class _NativePlan:
         return self._plan.is_valid()
 
     def run(self, non_blocking: bool) -> None:
-        try:
-            self._plan.run(non_blocking)  # the plan turns grad mode off itself, in C++
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise translate_native_error(exc) from None
+        # The plan turns grad mode off itself, in C++; ctypes releases the GIL meanwhile.
+        if self._run(self._address, non_blocking, self._error, _ERROR_LEN):
+            raise translate_native_error(RuntimeError(self._error.value.decode(errors="replace")))
 
 
 class CopyPlan:

@@ -24,15 +24,19 @@ struct CopySpan {
 // the calling thread also takes; a descheduled helper delays at most the one chunk it holds.
 struct CopyOptions {
   // Payloads below this many bytes are copied by the calling thread alone.
-  std::size_t parallel_min_bytes = std::size_t{8} << 20;
+  std::size_t parallel_min_bytes = std::size_t{4} << 20;
   // Upper bound on threads (the caller included). 1 disables the pool.
   int max_threads = 1;
-  // Granularity of the work split; big tensors are cut into chunks of this size.
+  // Granularity of the work split; big tensors are cut into chunks of this size. Payloads
+  // under 4 chunks per thread use proportionally smaller chunks (down to 64 KiB) so that
+  // every thread gets work.
   std::size_t chunk_bytes = std::size_t{1} << 20;
+  // How long an idle helper spins (yielding) before it parks; see copy_spans.cpp.
+  std::size_t spin_us = 200;
 };
 
 // Options from WEIGHTSYNC_NUM_THREADS (default: min(hardware threads, 4)),
-// WEIGHTSYNC_PARALLEL_MIN_BYTES and WEIGHTSYNC_CHUNK_BYTES. Read once.
+// WEIGHTSYNC_PARALLEL_MIN_BYTES, WEIGHTSYNC_CHUNK_BYTES and WEIGHTSYNC_SPIN_US. Read once.
 const CopyOptions& default_copy_options();
 
 // Copies every span. Single-threaded below opts.parallel_min_bytes total, else split by bytes
