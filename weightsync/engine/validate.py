@@ -63,6 +63,9 @@ def byte_extent(t: torch.Tensor) -> tuple[int, int]:
     """[lowest, highest) byte addresses any element of ``t`` touches; (0, 0) when empty."""
     if t.numel() == 0:
         return (0, 0)
+    if t.is_contiguous():
+        base = t.data_ptr()
+        return (base, base + t.numel() * t.element_size())
     lo = hi = 0
     for size, stride in zip(t.shape, t.stride()):
         reach = (size - 1) * stride
@@ -84,12 +87,12 @@ def _describe(t: torch.Tensor) -> str:
 
 
 def _supported(t: torch.Tensor) -> bool:
-    return t.device.type in ("cpu", "cuda")
+    return t.is_cpu or t.is_cuda
 
 
 def _internal_overlap(t: torch.Tensor) -> bool:
-    # The exact test is torch's own; a stride-0 dimension of size > 1 is the common case.
-    return torch._debug_has_internal_overlap(t) == 1  # 1 == MemOverlap::Yes
+    # A contiguous tensor cannot overlap itself; otherwise ask torch (1 == MemOverlap::Yes).
+    return not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1
 
 
 def _find_overlap(ranges: list[tuple[int, int, int, int]], written: int):
