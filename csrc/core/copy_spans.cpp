@@ -118,9 +118,13 @@ class Pool {
     // when one is parked.
     if (parked_.load(std::memory_order_acquire) > 0) wake_.notify_all();
     job.work();
-    std::unique_lock<std::mutex> lock(mutex_);
-    current_ = nullptr;  // helpers arriving from now on skip this job
-    left_.wait(lock, [&] { return joined_ == 0; });
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      current_ = nullptr;  // helpers arriving from now on skip this job
+    }
+    // Helpers still inside the job hold at most one chunk each: wait by yielding rather than
+    // sleeping, since a sleeping caller would pay a wake-up longer than the chunk itself.
+    while (joined_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
     return true;
   }
 
@@ -148,11 +152,10 @@ class Pool {
       seen = generation_.load(std::memory_order_relaxed);
       Job* job = current_;
       if (job == nullptr) continue;
-      ++joined_;
+      joined_.fetch_add(1, std::memory_order_relaxed);  // under mutex_: ordered with current_
       lock.unlock();
       job->work();
-      lock.lock();
-      if (--joined_ == 0) left_.notify_all();
+      joined_.fetch_sub(1, std::memory_order_release);
     }
   }
 
@@ -161,11 +164,10 @@ class Pool {
   std::mutex busy_;
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::condition_variable left_;
   Job* current_ = nullptr;
   std::atomic<std::uint64_t> generation_{0};
   std::atomic<int> parked_{0};
-  int joined_ = 0;
+  std::atomic<int> joined_{0};
   bool stop_ = false;
 };
 
