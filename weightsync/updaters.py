@@ -22,7 +22,6 @@ registration.
 from __future__ import annotations
 
 import abc
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
+from weightsync._torchrl_compat import register_with_torchrl
 from weightsync.errors import InvalidArgumentError, SchemeStateError
 from weightsync.schemes.base import UnknownWorkerError, _ref
 from weightsync.strategy import UnsupportedWeightsError, WeightStrategy
@@ -393,13 +393,8 @@ def _register_with_torchrl() -> None:
     global _torchrl_registered
     if _torchrl_registered:
         return
-    module = sys.modules.get("torchrl.collectors.weight_update")
-    if module is None:
-        return
-    torchrl_base = getattr(module, "WeightUpdaterBase", None)
-    if isinstance(torchrl_base, abc.ABCMeta):
-        torchrl_base.register(WeightUpdaterBase)
-    _torchrl_registered = True
+    _torchrl_registered = register_with_torchrl(
+        "torchrl.collectors.weight_update", "WeightUpdaterBase", WeightUpdaterBase)
 
 
 _register_with_torchrl()

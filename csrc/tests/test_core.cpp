@@ -18,6 +18,8 @@
 #include <thread>
 #include <vector>
 
+#include "check.h"
+
 #include "weightsync/core.h"
 
 namespace {
@@ -26,23 +28,9 @@ using weightsync::core::ByteRange;
 using weightsync::core::CopyOptions;
 using weightsync::core::CopySpan;
 
-int g_failures = 0;
-const char* g_current = "";
-
-void report(const char* file, int line, const std::string& what) {
-  ++g_failures;
-  std::fprintf(stderr, "FAIL %s (%s:%d): %s\n", g_current, file, line, what.c_str());
-}
-
-#define EXPECT(cond)                                         \
-  do {                                                      \
-    if (!(cond)) report(__FILE__, __LINE__, "EXPECT(" #cond ")"); \
-  } while (0)
-
-#define EXPECT_MSG(cond, msg)                                \
-  do {                                                      \
-    if (!(cond)) report(__FILE__, __LINE__, (msg));         \
-  } while (0)
+using weightsync_test::g_current;
+using weightsync_test::g_failures;
+using weightsync_test::report;
 
 using Clock = std::chrono::steady_clock;
 

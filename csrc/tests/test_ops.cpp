@@ -15,27 +15,15 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
+
 #include "copy_plan.h"
 
 namespace {
 
-int g_failures = 0;
-const char* g_current = "";
-
-void report(const char* file, int line, const std::string& what) {
-  ++g_failures;
-  std::fprintf(stderr, "FAIL %s (%s:%d): %s\n", g_current, file, line, what.c_str());
-}
-
-#define EXPECT(cond)                                              \
-  do {                                                           \
-    if (!(cond)) report(__FILE__, __LINE__, "EXPECT(" #cond ")"); \
-  } while (0)
-
-#define EXPECT_MSG(cond, msg)                        \
-  do {                                              \
-    if (!(cond)) report(__FILE__, __LINE__, (msg)); \
-  } while (0)
+using weightsync_test::g_current;
+using weightsync_test::g_failures;
+using weightsync_test::report;
 
 // Runs fn, which must throw a c10::ValueError whose message holds every one of `needles`.
 #define EXPECT_VALUE_ERROR(fn, ...) check_value_error(__FILE__, __LINE__, (fn), {__VA_ARGS__})

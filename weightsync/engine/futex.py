@@ -7,7 +7,9 @@ starts at 20 us and caps at 1 ms, so a wait reacts quickly without spinning a co
 
 from __future__ import annotations
 
+import os
 import time
+from functools import cache
 
 import torch
 
@@ -24,6 +26,12 @@ _INT32_MAX = 2**31 - 1
 
 def native_futex() -> bool:
     """Whether waits use futex(2) (library loaded, torch backend not forced) or polling."""
+    return _native_for(os.environ.get("WEIGHTSYNC_BACKEND", ""))
+
+
+@cache
+def _native_for(forced: str) -> bool:
+    # Cached per WEIGHTSYNC_BACKEND value: waits sit on the per-update path.
     return _extension.load().loaded and forced_backend() != "torch"
 
 

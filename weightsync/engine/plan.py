@@ -17,6 +17,7 @@ import torch
 
 from weightsync import _extension
 from weightsync.engine.backends import backend_for
+from weightsync.engine.torch_backend import group_pairs, run_groups
 from weightsync.engine.validate import check_copy_lists, nbytes_of, translate_native_error
 
 __all__ = ["CopyPlan"]
@@ -37,6 +38,8 @@ class _PythonPlan:
     def _build(self) -> None:
         check_copy_lists("CopyPlan", self._dst, self._src)
         self._prints = self._fingerprint()
+        # The torch backend's device groups are computed once; cupy re-plans its launches.
+        self._groups = group_pairs(self._dst, self._src) if self._backend.name == "torch" else None
         self.rebuilds += 1
 
     def is_valid(self) -> bool:
@@ -45,7 +48,10 @@ class _PythonPlan:
     def run(self, non_blocking: bool) -> None:
         if not self.is_valid():
             self._build()
-        self._backend.batched_copy_(self._dst, self._src, non_blocking)
+        if self._groups is not None:
+            run_groups(self._groups, non_blocking)  # validated when (re)built
+        else:
+            self._backend.batched_copy_(self._dst, self._src, non_blocking)
 
 
 @cache

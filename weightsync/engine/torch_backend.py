@@ -12,7 +12,7 @@ import torch
 
 from weightsync.engine.validate import check_copy_lists, check_pack_lists, nbytes_of
 
-__all__ = ["TorchBackend"]
+__all__ = ["TorchBackend", "group_pairs", "run_groups"]
 
 
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,8 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def _grouped_copy(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], non_blocking: bool) -> None:
+def group_pairs(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> list[tuple[list, list]]:
+    """Non-empty pairs grouped by (dst device, src device): one ``_foreach_copy_`` each."""
     groups: dict[tuple[torch.device, torch.device], tuple[list, list]] = {}
     for d, s in zip(dst, src):
         if d.numel() == 0:
@@ -28,9 +29,17 @@ def _grouped_copy(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], non_
         ds, ss = groups.setdefault((d.device, s.device), ([], []))
         ds.append(d)
         ss.append(s)
+    return list(groups.values())
+
+
+def run_groups(groups: list[tuple[list, list]], non_blocking: bool) -> None:
     with torch.no_grad():
-        for ds, ss in groups.values():
+        for ds, ss in groups:
             torch._foreach_copy_(ds, ss, non_blocking=non_blocking)
+
+
+def _grouped_copy(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], non_blocking: bool) -> None:
+    run_groups(group_pairs(dst, src), non_blocking)
 
 
 class TorchBackend:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import abc
 import re
-import sys
 import threading
 import warnings
 import weakref
@@ -60,6 +59,7 @@ from typing import Any, Literal
 from tensordict import TensorDictBase
 from torch import nn
 
+from weightsync._torchrl_compat import register_with_torchrl
 from weightsync.errors import (
     UnknownWorkerError,
     InvalidArgumentError,
@@ -821,13 +821,8 @@ def _register_with_torchrl() -> None:
     global _torchrl_registered
     if _torchrl_registered:
         return
-    module = sys.modules.get("torchrl.weight_update.weight_sync_schemes")
-    if module is None:
-        return
-    torchrl_base = getattr(module, "WeightSyncScheme", None)
-    if isinstance(torchrl_base, abc.ABCMeta):
-        torchrl_base.register(WeightSyncScheme)
-    _torchrl_registered = True
+    _torchrl_registered = register_with_torchrl(
+        "torchrl.weight_update.weight_sync_schemes", "WeightSyncScheme", WeightSyncScheme)
 
 
 _register_with_torchrl()

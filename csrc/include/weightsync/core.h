@@ -32,7 +32,7 @@ struct CopyOptions {
   // every thread gets work.
   std::size_t chunk_bytes = std::size_t{1} << 20;
   // How long an idle helper spins (yielding) before it parks; see copy_spans.cpp.
-  std::size_t spin_us = 200;
+  std::size_t spin_us = 50;
 };
 
 // Options from WEIGHTSYNC_NUM_THREADS (default: min(hardware threads, 4)),

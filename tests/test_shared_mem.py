@@ -1,0 +1,745 @@
+"""SharedMemWeightSyncScheme end to end.
+
+In-process tests unpickle the sender's scheme into receivers in the same process (each with its
+own segment file descriptor, so slot locks and liveness behave as across processes); the
+process tests spawn real workers. GPU tests are marked and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import stat
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+
+import pytest
+import torch
+from _shm_workers import (  # noqa: F401
+    JOIN_TIMEOUT,
+    TinyModel,
+    fill_version,
+    no_leaked_segments,
+    scheme_sender,
+    scheme_worker,
+)
+from tensordict import TensorDict
+from torch import nn
+
+from weightsync.errors import (
+    DTypeMismatchError,
+    InvalidArgumentError,
+    KeyMismatchError,
+    PeerDiedError,
+    SchemeStateError,
+    ShapeMismatchError,
+    WeightSyncTimeout,
+)
+from weightsync.schemes import WeightSyncScheme
+from weightsync.schemes.shared_mem import SharedMemWeightSyncScheme
+from weightsync.transports.shm_segment import SHM_DIR
+
+CTX = mp.get_context("spawn")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same_weights(a: nn.Module | dict, b: nn.Module | dict) -> None:
+    sa = a.state_dict() if isinstance(a, nn.Module) else a
+    sb = b.state_dict() if isinstance(b, nn.Module) else b
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
+        assert torch.equal(_bits(sa[k]), _bits(sb[k])), f"{k} differs"
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
+            else:
+                t.copy_(torch.randint(-1000, 1000, t.shape, generator=g, dtype=t.dtype))
+    return model
+
+
+class _Side:
+    def __init__(self, scheme, model):
+        self.scheme, self.model = scheme, model
+
+
+@contextmanager
+def in_process(n: int = 2, *, mode: str = "copy", workers=None, init=None, **kwargs):
+    """A connected sender and ``n`` receivers in this process; everything shut down after."""
+    trainer = randomize(TinyModel(), 1)
+    kwargs.setdefault("background", False)
+    kwargs.setdefault("timeout", 2.0)
+    sender = SharedMemWeightSyncScheme(mode=mode, **kwargs)
+    with ExitStack() as stack:
+        stack.callback(sender.shutdown)
+        (init or (lambda s: s.init_on_sender(model=trainer, num_workers=n)))(sender)
+        blob = pickle.dumps(sender)
+        sender.connect()
+        sides = []
+        for w in range(n):
+            receiver = pickle.loads(blob)
+            stack.callback(receiver.shutdown)
+            model = (workers or TinyModel)()
+            receiver.init_on_receiver(model_id="policy", model=model, worker_idx=w)
+            receiver.connect(worker_idx=w)
+            sides.append(_Side(receiver, model))
+        yield trainer, sender, sides
+
+
+# -- lifecycle, initial weights, updates --------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_initial_weights_and_100_updates_bit_exact(mode):
+    with in_process(2, mode=mode) as (trainer, sender, sides):
+        for side in sides:
+            assert_same_weights(side.model, trainer)
+            assert side.scheme.weights_version == 0
+        for v in range(1, 101):
+            new = randomize(TinyModel(), 100 + v)
+            sender.sync = False
+            sender.send(new)
+            for side in sides:
+                got = side.scheme.receive()
+                assert isinstance(got, TensorDict)
+                assert_same_weights(side.model, new)
+                assert side.scheme.weights_version == v
+        assert sender.version == sender.weights_version == 100
+        assert sender.acked_versions() == {0: 100, 1: 100}
+
+
+def test_receive_returns_none_without_news_and_the_applied_weights_otherwise():
+    with in_process(1) as (trainer, sender, sides):
+        receiver = sides[0].scheme
+        assert receiver.receive() is None
+        assert receiver.receive(timeout=0.05) is None
+        sender.sync = False
+        sender.send(randomize(TinyModel(), 3))
+        got = receiver.receive(timeout=0)
+        assert got["lin", "weight"] is sides[0].model.lin.weight
+        assert receiver.version == 1  # base-class count of applied updates
+
+
+def test_state_dict_strategy_returns_a_dict():
+    with in_process(1, strategy="state_dict") as (trainer, sender, sides):
+        sender.sync = False
+        sender.send(trainer.state_dict())
+        got = sides[0].scheme.receive()
+        assert isinstance(got, dict) and set(got) == set(trainer.state_dict())
+
+
+def test_sync_send_returns_once_workers_applied():
+    with in_process(2, background=True) as (trainer, sender, sides):
+        for v in range(1, 21):
+            new = randomize(TinyModel(), v)
+            sender.send(new)  # sync: both background threads applied it
+            for side in sides:
+                assert_same_weights(side.model, new)
+                assert side.scheme.weights_version == v
+
+
+def test_send_without_weights_snapshots_the_registered_model():
+    with in_process(1) as (trainer, sender, sides):
+        sender.sync = False
+        fill_version(trainer, 7)
+        sender.send()
+        sides[0].scheme.receive()
+        assert_same_weights(sides[0].model, trainer)
+        # Replacing a parameter object is seen too.
+        trainer.scale = nn.Parameter(torch.full((2,), 3.0, dtype=torch.float64))
+        sender.send()
+        sides[0].scheme.receive()
+        assert torch.equal(sides[0].model.scale, torch.full((2,), 3.0, dtype=torch.float64))
+
+
+def test_trainer_is_never_shared_and_never_overwritten():
+    with in_process(2, mode="view") as (trainer, sender, sides):
+        before = snapshot(trainer)
+        ptrs = {k: t.data_ptr() for k, t in trainer.state_dict().items()}
+        for t in (*trainer.parameters(), *trainer.buffers()):
+            assert not t.is_shared()
+        sender.sync = False
+        sender.send(randomize(TinyModel(), 5))
+        sender.send(TensorDict.from_module(randomize(TinyModel(), 6)))
+        assert_same_weights(trainer, before)
+        assert {k: t.data_ptr() for k, t in trainer.state_dict().items()} == ptrs
+        # Worker tensors live in the arena, the trainer's do not.
+        seg = os.stat(os.path.join(SHM_DIR, sender.segment_names()[0]))
+        assert stat.S_IMODE(seg.st_mode) == 0o600
+        sides[0].scheme.receive()
+        lo = sides[0].scheme._receiver_transport.arena.segment.tensor.data_ptr()
+        hi = lo + sides[0].scheme._receiver_transport.arena.segment.size
+        assert all(lo <= t.data_ptr() < hi for t in sides[0].model.parameters())
+
+
+def test_view_mode_repoints_without_copying():
+    with in_process(2, mode="view") as (trainer, sender, sides):
+        sender.sync = False
+        seen = []
+        for v in range(1, 6):
+            new = randomize(TinyModel(), v)
+            sender.send(new)
+            sides[0].scheme.receive()
+            assert_same_weights(sides[0].model, new)
+            seen.append(sides[0].model.lin.weight.data_ptr())
+        assert len(set(seen)) > 1  # the same Parameter object, now in another slot
+        assert isinstance(sides[0].model.lin.weight, nn.Parameter)
+        # Shutting down gives the worker private copies of what it holds.
+        held = snapshot(sides[0].model)
+        sides[0].scheme.shutdown()
+        sender.send(randomize(TinyModel(), 99))
+        sender.send(randomize(TinyModel(), 98))
+        assert_same_weights(sides[0].model, held)
+
+
+def test_view_mode_needs_enough_slots():
+    with pytest.raises(InvalidArgumentError, match="at least workers \\+ 2 = 4 slots"):
+        SharedMemWeightSyncScheme(mode="view", slots=3).init_on_sender(model=TinyModel(), num_workers=2)
+
+
+# -- subsets and per-worker weights ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_subset_updates_leave_the_others_alone(mode):
+    with in_process(3, mode=mode, sync=False) as (trainer, sender, sides):
+        new = randomize(TinyModel(), 11)
+        sender.send(new, worker_ids=[1])
+        assert [s.scheme.receive() is not None for s in sides] == [False, True, False]
+        assert_same_weights(sides[1].model, new)
+        assert_same_weights(sides[0].model, trainer)
+        newer = randomize(TinyModel(), 12)
+        sender.send(newer, worker_ids=[0, 2])
+        for s in sides:
+            s.scheme.receive()
+        assert_same_weights(sides[0].model, newer)
+        assert_same_weights(sides[1].model, new)
+        assert_same_weights(sides[2].model, newer)
+        assert sender.acked_versions() == {0: 2, 1: 1, 2: 2}
+
+
+def test_per_worker_weights():
+    with in_process(2, per_worker_weights=True, sync=False) as (trainer, sender, sides):
+        assert len(sender.segment_names()) == 2
+        w0, w1 = randomize(TinyModel(), 21), randomize(TinyModel(), 22)
+        sender.send({0: w0, 1: TensorDict.from_module(w1)})
+        for s in sides:
+            s.scheme.receive()
+        assert_same_weights(sides[0].model, w0)
+        assert_same_weights(sides[1].model, w1)
+        sender.send({1: w0})
+        assert sides[0].scheme.receive() is None
+        sides[1].scheme.receive()
+        assert_same_weights(sides[1].model, w0)
+
+
+def test_per_worker_dict_needs_per_worker_weights():
+    with in_process(2, sync=False) as (trainer, sender, sides):
+        with pytest.raises(InvalidArgumentError, match="per_worker_weights=True"):
+            sender.send({0: trainer})
+
+
+# -- init_on_sender forms -----------------------------------------------------------------------
+
+
+class _FakeCollector:
+    def __init__(self, policy, devices):
+        self.policy = policy
+        self.policy_device = devices
+
+
+@pytest.mark.parametrize("form", ["context", "params_map", "weights_devices", "model_map_fn"])
+def test_init_on_sender_forms(form):
+    source = randomize(TinyModel(), 31)
+    td = TensorDict.from_module(source)
+
+    def init(s):
+        if form == "context":
+            s.init_on_sender(model_id="policy", context=_FakeCollector(source, ["cpu", "cpu"]))
+        elif form == "params_map":
+            s.init_on_sender(params_map={0: td, 1: td})
+        elif form == "weights_devices":
+            s.init_on_sender(weights=td, devices=[torch.device("cpu")] * 2)
+        else:
+            s.init_on_sender(model=source, device_map_fn=lambda i, w: TensorDict.from_module(w), num_workers=2)
+
+    with in_process(2, init=init) as (trainer, sender, sides):
+        for s in sides:
+            assert_same_weights(s.model, source)
+
+
+def test_init_on_sender_rejects_bad_combinations():
+    s = SharedMemWeightSyncScheme()
+    td = TensorDict.from_module(TinyModel())
+    with pytest.raises(InvalidArgumentError, match="model_id is required"):
+        s.init_on_sender(context=_FakeCollector(TinyModel(), ["cpu"]))
+    with pytest.raises(InvalidArgumentError, match="devices cannot be combined with params_map"):
+        s.init_on_sender(params_map={0: td}, devices=["cpu"])
+    with pytest.raises(InvalidArgumentError, match="device_map_fn needs num_workers"):
+        s.init_on_sender(weights=td, device_map_fn=lambda i, w: w)
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        s.init_on_sender(weights=td, model=TinyModel(), num_workers=1)
+    assert not s.initialized_on_sender and s.segment_names() == []
+    s.shutdown()
+
+
+def test_constructor_checks_and_registry():
+    with pytest.raises(InvalidArgumentError, match="mode must be one of"):
+        SharedMemWeightSyncScheme(mode="mmap")
+    with pytest.raises(InvalidArgumentError, match="slots must be between 2 and 255"):
+        SharedMemWeightSyncScheme(slots=1)
+    assert type(WeightSyncScheme.from_backend("shared")) is SharedMemWeightSyncScheme
+    assert type(WeightSyncScheme.from_backend("thread", mode="view")) is SharedMemWeightSyncScheme
+
+
+def test_lifecycle_errors():
+    s = SharedMemWeightSyncScheme()
+    with pytest.raises(SchemeStateError):
+        s.send()
+    with in_process(1) as (trainer, sender, sides):
+        with pytest.raises(SchemeStateError, match="already connected"):
+            sender.connect()
+        from weightsync.schemes.base import UnknownWorkerError
+
+        with pytest.raises(UnknownWorkerError, match="worker 5 has no arena"):
+            sender.send(worker_ids=[5])
+
+
+# -- mismatches at connect -----------------------------------------------------------------------
+
+
+class _Renamed(TinyModel):
+    def __init__(self):
+        super().__init__()
+        self.other = self.scale
+        del self.scale
+
+
+def _half_lin() -> TinyModel:
+    model = TinyModel()
+    model.lin.to(torch.float16)
+    return model
+
+
+@pytest.mark.parametrize(
+    "factory, error, message",
+    [
+        (_Renamed, KeyMismatchError, "worker 0 model has no tensor 'scale' \\(float64\\[2\\]\\) that the sender sends"),
+        (lambda: TinyModel(width=5), ShapeMismatchError, "key 'lin.weight': sender shape \\[3, 4\\], worker 0 model shape \\[3, 5\\]"),
+        (lambda: _half_lin(), DTypeMismatchError, "key 'lin.weight': sender dtype float32, worker 0 model dtype float16"),
+    ],
+)
+def test_mismatched_worker_model_fails_at_connect_and_nothing_is_applied(factory, error, message):
+    trainer = randomize(TinyModel(), 41)
+    sender = SharedMemWeightSyncScheme(background=False, timeout=2.0)
+    try:
+        sender.init_on_sender(model=trainer, num_workers=1)
+        receiver = pickle.loads(pickle.dumps(sender))
+        sender.connect()
+        model = factory()
+        before = snapshot(model)
+        receiver.init_on_receiver(model_id="policy", model=model, worker_idx=0)
+        with pytest.raises(error, match=message):
+            receiver.connect(worker_idx=0)
+        assert_same_weights(model, before)
+        assert not receiver.synchronized_on_receiver
+        assert sender.workers_alive() == {0: False}
+        receiver.shutdown()
+    finally:
+        sender.shutdown()
+
+
+def test_send_validates_before_writing():
+    with in_process(1, sync=False) as (trainer, sender, sides):
+        bad = TensorDict.from_module(TinyModel(width=5))
+        with pytest.raises(ShapeMismatchError, match="key 'lin.weight': arena shape \\[3, 4\\], weights to send shape \\[3, 5\\]"):
+            sender.send(bad)
+        assert sides[0].scheme.receive() is None
+
+
+# -- timeouts, dead peers, guard, background -----------------------------------------------------
+
+
+def test_sync_send_times_out_naming_a_worker_that_does_not_take_it():
+    with in_process(2, timeout=0.3) as (trainer, sender, sides):
+        sides[0].scheme.start_background()
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncTimeout, match=r"workers \[1\] did not acknowledge .* worker 1 \(pid \d+, alive") as info:
+            sender.send(randomize(TinyModel(), 1))
+        assert 0.3 <= time.monotonic() - t0 < 5
+        assert info.value.workers == [1] and info.value.alive == {1: True}
+        assert sender.weights_version == 1 and sender.version == 0  # published, not completed
+        assert sides[0].scheme.weights_version == 1
+
+
+def test_sync_false_never_waits_for_a_slow_worker():
+    with in_process(2, sync=False, mode="copy") as (trainer, sender, sides):
+        t0 = time.monotonic()
+        for v in range(50):
+            sender.send(randomize(TinyModel(), v))
+        assert time.monotonic() - t0 < 2.0
+        sides[0].scheme.receive()
+        assert sides[0].scheme.weights_version == 50
+
+
+def test_receiver_sees_sender_shutdown():
+    with in_process(1) as (trainer, sender, sides):
+        sender.shutdown()
+        with pytest.raises(PeerDiedError, match="shut down"):
+            sides[0].scheme.receive(timeout=0.1)
+
+
+def test_guard_holds_off_a_background_update():
+    with in_process(1, background=True, sync=False) as (trainer, sender, sides):
+        receiver, model = sides[0].scheme, sides[0].model
+        new = randomize(TinyModel(), 51)
+        with receiver.guard():
+            before = snapshot(model)
+            sender.send(new)
+            time.sleep(0.3)  # the background thread has long seen the offer
+            assert_same_weights(model, before)
+            assert receiver.weights_version == 0
+        deadline = time.monotonic() + 5
+        while receiver.weights_version != 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert receiver.weights_version == 1
+        assert_same_weights(model, new)
+
+
+def test_guard_keeps_a_forward_pass_on_one_version():
+    with in_process(1, background=True, sync=False, mode="view") as (trainer, sender, sides):
+        receiver, model = sides[0].scheme, sides[0].model
+        stop = threading.Event()
+
+        def pump():
+            v = 0
+            while not stop.is_set():
+                v += 1
+                m = TinyModel()
+                fill_version(m, v)
+                sender.send(m)
+
+        thread = threading.Thread(target=pump)
+        thread.start()
+        try:
+            mixed = checked = 0
+            for _ in range(300):
+                with receiver.guard():
+                    version = receiver.weights_version
+                    first = float(model.lin.weight.detach()[0, 0])
+                    time.sleep(0.0005)  # a "forward pass"
+                    values = {float(t.detach().max()) for t in (*model.parameters(), *model.buffers())}
+                    values |= {float(t.detach().min()) for t in (*model.parameters(), *model.buffers())}
+                    if version > 0:  # version 0 is the trainer's random initial weights
+                        checked += 1
+                        mixed += values != {first, float(version)} - {None}
+        finally:
+            stop.set()
+            thread.join(JOIN_TIMEOUT)
+        assert mixed == 0
+        assert checked > 0 and receiver.weights_version > 0
+
+
+def test_pickled_scheme_carries_no_live_state():
+    with in_process(1) as (trainer, sender, sides):
+        state = sender.__getstate__()
+        assert state["_sender"] is None and state["_sources"] == {}
+        assert set(state["_tickets"]) == {0}
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def _recv(conn, what: str):
+    assert conn.poll(JOIN_TIMEOUT), f"no reply from a worker while waiting for {what}"
+    msg = conn.recv()
+    if msg[0] in ("error", "connect-error") and what != msg[0]:
+        raise AssertionError(f"worker failed: {msg[1]}: {msg[2]}\n{msg[-1] if msg[0] == 'error' else ''}")
+    return msg
+
+
+@contextmanager
+def spawned(scheme, n: int, plan: str, opts: dict | None = None, model: str = "tiny"):
+    """Start ``n`` workers running ``plan`` on (pickled) ``scheme``; kill leftovers after."""
+    procs, conns = [], []
+    for w in range(n):
+        parent, child = CTX.Pipe()
+        p = CTX.Process(target=scheme_worker, args=(child, scheme, w, model, plan, opts or {}), daemon=True)
+        p.start()
+        procs.append(p)
+        conns.append(parent)
+    try:
+        yield procs, conns
+    finally:
+        for c in conns:
+            try:
+                c.send("stop")
+            except OSError:
+                pass
+        for p in procs:
+            p.join(JOIN_TIMEOUT)
+            if p.is_alive():
+                p.kill()
+                p.join(JOIN_TIMEOUT)
+
+
+def test_processes_follow_updates_subsets_and_survive_a_killed_worker():
+    trainer = randomize(TinyModel(), 61)
+    sender = SharedMemWeightSyncScheme(timeout=5.0)  # background receivers, sync sends: TorchRL's setup
+    sender.init_on_sender(model=trainer, num_workers=2)
+    try:
+        with spawned(sender, 2, "follow") as (procs, conns):
+            sender.connect()
+            for w, c in enumerate(conns):
+                msg = _recv(c, "connected")
+                assert msg[0] == "connected" and msg[2] == 0
+                assert_same_weights(msg[3], trainer)  # the initial weights, bit-exact
+            for v in range(1, 101):
+                new = randomize(TinyModel(), 1000 + v)
+                sender.send(new)
+                if v % 25 == 0:
+                    for c in conns:
+                        c.send("report")
+                        _, version, state = _recv(c, "state")
+                        assert version == v
+                        assert_same_weights(state, new)
+            only1 = randomize(TinyModel(), 2000)
+            sender.send(only1, worker_ids=[1])
+            states = []
+            for c in conns:
+                c.send("report")
+                states.append(_recv(c, "state"))
+            assert states[0][1] == 100 and states[1][1] == 101
+            assert_same_weights(states[1][2], only1)
+            assert_same_weights(states[0][2], new)
+            # A worker killed with SIGKILL is named by the next sync send, well within the timeout.
+            os.kill(procs[1].pid, signal.SIGKILL)
+            procs[1].join(JOIN_TIMEOUT)
+            t0 = time.monotonic()
+            with pytest.raises(WeightSyncTimeout, match=r"workers \[1\] did not acknowledge .* worker 1 \(pid \d+, dead") as info:
+                sender.send(randomize(TinyModel(), 3000))
+            assert time.monotonic() - t0 < 5.0
+            assert info.value.workers == [1] and info.value.alive == {1: False}
+            # The other worker got that version and keeps receiving.
+            last = randomize(TinyModel(), 3001)
+            sender.send(last, worker_ids=[0])
+            conns[0].send("report")
+            _, version, state = _recv(conns[0], "state")
+            assert version == 103
+            assert_same_weights(state, last)
+    finally:
+        sender.shutdown()
+
+
+def test_processes_hammer_never_see_a_mixed_version():
+    """10,000 updates, every tensor of version v filled with v; the workers check every take."""
+    n_updates = 10_000
+    configs = [("copy", True), ("copy", False), ("view", True), ("view", False)]
+    schemes = []
+    for mode, sync in configs:
+        s = SharedMemWeightSyncScheme(mode=mode, sync=sync, background=False, timeout=10.0)
+        s.init_on_sender(model=TinyModel(), num_workers=2)
+        schemes.append(s)
+    model = TinyModel()
+    try:
+        with spawned(schemes, 2, "hammer", {"last": n_updates}) as (procs, conns):
+            for (mode, sync), s in zip(configs, schemes):
+                s.connect()
+                for c in conns:
+                    _recv(c, "connected")
+                for v in range(1, n_updates + 1):
+                    fill_version(model, v)
+                    s.send(model)
+                for c in conns:
+                    _, takes, mixed, last = _recv(c, "hammered")
+                    assert last == n_updates and mixed == 0, (mode, sync, takes, mixed)
+                    if sync:
+                        assert takes == n_updates
+                    c.send("next")
+                s.shutdown()
+    finally:
+        for s in schemes:
+            s.shutdown()
+
+
+def test_killed_sender_is_reported_by_receive_and_leaves_no_segment():
+    parent, child = CTX.Pipe()
+    proc = CTX.Process(target=scheme_sender, args=(child,), daemon=True)
+    proc.start()
+    try:
+        blob = _recv(parent, "scheme")[1]
+        receiver = pickle.loads(blob)
+        model = TinyModel()
+        receiver.init_on_receiver(model_id="policy", model=model, worker_idx=0)
+        receiver.timeout = 10.0
+        receiver.background = False
+        receiver.connect(worker_idx=0)
+        path = os.path.join(SHM_DIR, receiver._receiver_transport.arena.name)
+        assert os.path.exists(path)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(JOIN_TIMEOUT)
+        t0 = time.monotonic()
+        with pytest.raises(PeerDiedError, match=r"the sender of arena weightsync-[0-9a-f]+ \(pid \d+\) died"):
+            while True:
+                receiver.receive(timeout=2.0)
+        assert time.monotonic() - t0 < 2.5
+        # The dead sender's reaper removed the name; the worker's weights stay valid.
+        deadline = time.monotonic() + 10
+        while os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not os.path.exists(path)
+        assert model.lin.weight.abs().sum() > 0
+        receiver.shutdown()
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(JOIN_TIMEOUT)
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_gpu_sender_to_cpu_workers(mode):
+    trainer = randomize(TinyModel(), 71).cuda()
+    sender = SharedMemWeightSyncScheme(mode=mode, background=False, sync=False)
+    sender.init_on_sender(model=trainer, devices=["cpu", "cpu"])
+    try:
+        blob = pickle.dumps(sender)
+        sender.connect()
+        receivers = []
+        for w in range(2):
+            r = pickle.loads(blob)
+            m = TinyModel()
+            r.init_on_receiver(model_id="policy", model=m, worker_idx=w)
+            r.connect(worker_idx=w)
+            receivers.append((r, m))
+            assert_same_weights(m, trainer)
+        new = randomize(TinyModel(), 72).cuda()
+        sender.send(new)
+        for r, m in receivers:
+            r.receive()
+            assert_same_weights(m, new)
+            r.shutdown()
+    finally:
+        sender.shutdown()
+
+
+@pytest.mark.gpu
+def test_cpu_sender_to_gpu_worker():
+    trainer = randomize(TinyModel(), 81)
+    sender = SharedMemWeightSyncScheme(background=False, sync=False)
+    sender.init_on_sender(model=trainer, devices=["cuda:0"])
+    try:
+        receiver = pickle.loads(pickle.dumps(sender))
+        sender.connect()
+        m = TinyModel().cuda()
+        receiver.init_on_receiver(model_id="policy", model=m, worker_idx=0)
+        receiver.connect(worker_idx=0)
+        assert_same_weights(m, trainer)
+        new = randomize(TinyModel(), 82)
+        sender.send(new)
+        receiver.receive()
+        assert_same_weights(m, new)
+        receiver.shutdown()
+    finally:
+        sender.shutdown()
+
+
+@pytest.mark.gpu
+def test_same_gpu_workers_use_a_device_arena():
+    trainer = randomize(TinyModel(), 91).cuda()
+    sender = SharedMemWeightSyncScheme(timeout=30.0)
+    sender.init_on_sender(model=trainer, devices=["cuda:0"])
+    try:
+        assert sender._tickets[0].slot_device == "cuda:0"
+        with spawned(sender, 1, "follow", model="tiny-cuda") as (procs, conns):
+            sender.connect()
+            assert_same_weights(_recv(conns[0], "connected")[3], trainer)
+            new = randomize(TinyModel(), 92).cuda()
+            sender.send(new)
+            conns[0].send("report")
+            _, version, state = _recv(conns[0], "state")
+            assert version == 1
+            assert_same_weights(state, new)
+    finally:
+        sender.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_sender_to_a_worker_on_another_gpu():
+    trainer = randomize(TinyModel(), 95).to("cuda:0")
+    sender = SharedMemWeightSyncScheme(background=False, sync=False)
+    sender.init_on_sender(model=trainer, devices=["cuda:1"])
+    try:
+        assert sender._tickets[0].slot_device == "cpu"
+        receiver = pickle.loads(pickle.dumps(sender))
+        sender.connect()
+        m = TinyModel().to("cuda:1")
+        receiver.init_on_receiver(model_id="policy", model=m, worker_idx=0)
+        receiver.connect(worker_idx=0)
+        new = randomize(TinyModel(), 96).to("cuda:0")
+        sender.send(new)
+        receiver.receive()
+        assert_same_weights(m, new)
+        receiver.shutdown()
+    finally:
+        sender.shutdown()
+
+
+def test_transports_follow_the_transport_protocol():
+    from weightsync.transports.base import TransportBackend
+    from weightsync.transports.shared_mem import SharedMemReceiverTransport, SharedMemSenderTransport, named_tensors
+
+    source = randomize(TinyModel(), 101)
+    sender = SharedMemSenderTransport([(named_tensors(source), [0], torch.device("cpu"))], sync=False)
+    try:
+        receiver = SharedMemReceiverTransport(sender.tickets()[0], 0)
+        assert isinstance(sender, TransportBackend) and isinstance(receiver, TransportBackend)
+        sender.send_weights(source)
+        model = TinyModel()
+        receiver.connect(named_tensors(model), timeout=2.0)
+        assert_same_weights(model, source)
+        assert receiver.receive_weights(timeout=0) is None
+        new = randomize(TinyModel(), 102)
+        sender.send_weights(TensorDict.from_module(new))
+        got = receiver.receive_weights(timeout=1.0)
+        assert got["lin.weight"] is model.lin.weight
+        assert_same_weights(model, new)
+        with pytest.raises(SchemeStateError, match="sender call"):
+            receiver.send_weights(new)
+        receiver.close()
+    finally:
+        sender.close()
+
+
+def test_apply_weights_in_view_mode_never_writes_shared_memory():
+    with in_process(2, mode="view", sync=False) as (trainer, sender, sides):
+        local = randomize(TinyModel(), 111)
+        sides[0].scheme.apply_weights(TensorDict.from_module(local))
+        assert_same_weights(sides[0].model, local)
+        assert_same_weights(sides[1].model, trainer)  # same slot, untouched
+        new = randomize(TinyModel(), 112)
+        sender.send(new)
+        sides[0].scheme.receive()
+        assert_same_weights(sides[0].model, new)

@@ -1,0 +1,764 @@
+"""Shared-memory transport: moves whole weight versions through arenas, both ends.
+
+The sender end (:class:`SharedMemSenderTransport`) owns one :class:`~weightsync.transports.arena.Arena`
+per source and device group and writes each new version into a free slot of every targeted
+arena; the worker end (:class:`SharedMemReceiverTransport`) takes the newest version offered to
+it, in one of two ways:
+
+- ``"copy"``: one batched copy from the slot into the worker's own tensors. For a worker whose
+  tensors live on one GPU: one host-to-device DMA of the slot into a staging buffer, then one
+  unpack launch (or, for a worker on the sender's GPU, one device-to-device copy out of a
+  device arena shared by CUDA IPC).
+- ``"view"`` (CPU workers): the worker's tensors *are* views into the slot. Taking a version
+  re-points them (``tensor.data = view``, a pointer swap per tensor) at the new slot and lets
+  the old one go. No payload byte moves on the worker.
+
+Where weights live on each side:
+
+- sender on CPU: ``pack`` of the source tensors straight into the slot (one native call);
+- sender on a GPU: ``pack`` on the GPU into a device staging buffer (one launch), then one
+  device-to-host DMA into the slot, which is page-locked with ``cudaHostRegister``;
+- workers on the sender's GPU: the slots themselves live on that GPU.
+
+The trainer's tensors are only ever read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from tensordict import is_non_tensor
+from torch import nn
+
+from weightsync import ops
+from weightsync.engine import CopyPlan, backend_for
+from weightsync.engine.validate import translate_native_error
+from weightsync.errors import (
+    BackendUnavailableError,
+    DeviceMismatchError,
+    LayoutMismatchError,
+    PeerDiedError,
+    SchemeStateError,
+    WeightSyncTimeout,
+)
+from weightsync.transports.arena import DEFAULT_TIMEOUT, Arena, Layout
+
+__all__ = [
+    "ArenaTicket",
+    "MODES",
+    "SharedMemReceiverTransport",
+    "SharedMemSenderTransport",
+    "named_tensors",
+]
+
+#: The two ways a worker takes a version.
+MODES = ("copy", "view")
+#: Where TorchRL puts a module's extra state in a weights TensorDict (not carried here).
+EXTRA_STATE_KEY = "__extra_state__"
+
+
+# --------------------------------------------------------------------------------------------
+# Weights <-> named tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = t
+    return out
+
+
+def _td_leaves(td: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    """The tensor leaves of a TensorDict, walking its storage dicts directly: several times
+    faster than ``items(True, True)``, which tests every entry with ``is_leaf``."""
+    store = getattr(td, "_tensordict", None)
+    if type(store) is not dict:  # lazy stacks, TensorDictParams, ...: the generic walk
+        for k, v in td.items(True, True):
+            if isinstance(v, torch.Tensor):
+                out[prefix + (k if isinstance(k, str) else ".".join(k))] = v
+        out.pop(prefix + EXTRA_STATE_KEY, None)
+        return
+    for k, v in store.items():
+        if isinstance(v, torch.Tensor):
+            out[prefix + k] = v
+        elif k != EXTRA_STATE_KEY and hasattr(v, "batch_size") and not is_non_tensor(v):
+            _td_leaves(v, prefix + k + ".", out)
+
+
+def named_tensors(weights: Any) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights``, keyed by dotted names, in a stable order.
+
+    Accepts an ``nn.Module`` (parameters then buffers, persistent or not, tied ones once), a
+    TensorDict (leaves; nested keys joined with ``"."``) or a mapping (a state_dict, possibly
+    nested). Returns the objects themselves (a module's parameters, not copies).
+    """
+    if isinstance(weights, nn.Module):
+        return _module_tensors(weights)
+    items = getattr(weights, "items", None)
+    if items is None:
+        raise TypeError(
+            f"weights must be an nn.Module, a TensorDict or a mapping of tensors, "
+            f"got {type(weights).__name__}"
+        )
+    if hasattr(weights, "batch_size"):  # a TensorDict
+        out: dict[str, torch.Tensor] = {}
+        _td_leaves(weights, "", out)
+        return out
+    out = {}
+    stack: list[tuple[str, Mapping[str, Any]]] = [("", weights)]
+    while stack:
+        prefix, mapping = stack.pop()
+        for k, v in mapping.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, torch.Tensor):
+                out[key] = v
+            elif isinstance(v, Mapping) or hasattr(v, "batch_size"):
+                stack.append((key + ".", v if isinstance(v, Mapping) else named_tensors(v)))
+            else:
+                raise TypeError(f"weights entry {key!r} is a {type(v).__name__}, not a tensor")
+    return out
+
+
+class _ModuleReader:
+    """Reads a module's current tensors in layout order without walking the module each time.
+
+    Holds (owner dict, name) pairs, so a parameter that is *replaced* (``m.weight = ...``) is
+    still seen; only adding or removing submodules needs a new reader.
+    """
+
+    def __init__(self, module: nn.Module, keys: Sequence[str]) -> None:
+        self._slots: list[tuple[dict[str, Any], str]] = []
+        for key in keys:
+            owner_path, _, name = key.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            table = owner._parameters if name in owner._parameters else owner._buffers
+            self._slots.append((table, name))
+
+    def read(self) -> list[torch.Tensor]:
+        return [table[name] for table, name in self._slots]
+
+
+# --------------------------------------------------------------------------------------------
+# Small device helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _single_device(tensors: Iterable[torch.Tensor]) -> torch.device | None:
+    """The device all ``tensors`` are on, or None when they span several."""
+    device = None
+    for t in tensors:
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            return None
+    return device if device is not None else torch.device("cpu")
+
+
+def _native_cpu() -> bool:
+    return backend_for(()).name == "native"
+
+
+def _copier(dst: list[torch.Tensor], src: list[torch.Tensor]) -> Callable[[], None]:
+    """A no-argument callable copying ``src`` into ``dst``, validated now (typed errors).
+
+    A native plan runs as one call. Host-only lists on the torch backend skip the plan's
+    per-call revalidation (a Python pass over every tensor) and run one ``_foreach_copy_``:
+    the pairs were checked here, and the tensors it is handed are re-read at every call.
+    """
+    plan = CopyPlan(dst, src)
+    if plan.backend == "native" or any(t.is_cuda for t in (*dst, *src)):
+        return plan.run
+
+    def run() -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
+
+    return run
+
+
+class _Pinned:
+    """Page-locks a host buffer for full-speed DMAs; undone by :meth:`release`."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self._buffer = buffer
+        self._how: str | None = None
+        try:
+            ops.pin_memory_(buffer)
+            self._how = "ops"
+        except BackendUnavailableError:
+            # The engine is not built: torch's own binding of the CUDA runtime does the same.
+            err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+            if int(err) != 0:
+                raise BackendUnavailableError(
+                    f"cudaHostRegister of {buffer.numel()} bytes failed with CUDA error {int(err)}"
+                ) from None
+            self._how = "cudart"
+
+    def release(self) -> None:
+        how, self._how = self._how, None
+        if how == "ops":
+            ops.unpin_memory_(self._buffer)
+        elif how == "cudart":
+            torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr())
+
+
+# --------------------------------------------------------------------------------------------
+# Tickets: what a worker needs to find its arena (picklable)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArenaTicket:
+    """Where worker ``worker`` finds its weights.
+
+    Attributes:
+        name: the arena's shared-memory segment.
+        index: the worker's index inside that arena.
+        slot_device: ``"cpu"`` for a host arena, ``"cuda:k"`` for a device arena.
+        device_slots: for a device arena, the CUDA IPC reduction ``(rebuild, args)`` of the
+            tensor that holds every slot; None for a host arena.
+    """
+
+    name: str
+    index: int
+    slot_device: str = "cpu"
+    device_slots: tuple[Callable[..., torch.Tensor], tuple[Any, ...]] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Sender end
+# --------------------------------------------------------------------------------------------
+
+
+class _SenderArena:
+    """One arena on the sender side and the fastest way to write it from the source device."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        workers: Sequence[int],
+        nslots: int,
+        slot_device: torch.device,
+        pin: bool,
+    ) -> None:
+        self.layout = layout
+        self.workers = list(workers)
+        self.local = {w: i for i, w in enumerate(self.workers)}
+        self.slot_device = slot_device
+        host = slot_device.type == "cpu"
+        self.arena = Arena.create(layout, nslots, len(self.workers), host_slots=host)
+        self.arena.worker_ids = self.workers
+        self._pinned: _Pinned | None = None
+        self._stage: torch.Tensor | None = None
+        self._device_slots: torch.Tensor | None = None
+        self._native = _native_cpu()
+        try:
+            if host:
+                self.slots = [self.arena.slot_bytes(s) for s in range(nslots)]
+                if pin:
+                    self._pinned = _Pinned(self.arena.all_slots())
+            else:
+                stride = self.arena.slot_stride
+                self._device_slots = torch.empty(nslots * stride, dtype=torch.uint8, device=slot_device)
+                self.slots = [
+                    self._device_slots[s * stride : s * stride + layout.nbytes] for s in range(nslots)
+                ]
+            self.views = [layout.views(flat) for flat in self.slots]
+        except BaseException:
+            self.close()
+            raise
+        self.offsets = list(layout.offsets)
+
+    def ticket(self, worker: int) -> ArenaTicket:
+        device_slots = None
+        if self._device_slots is not None:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            device_slots = reduce_tensor(self._device_slots)
+        return ArenaTicket(self.arena.name, self.local[worker], str(self.slot_device), device_slots)
+
+    def write(self, slot: int, src: list[torch.Tensor]) -> None:
+        """Fill ``slot`` with ``src`` (layout order, validated), complete on return."""
+        flat = self.slots[slot]
+        # The first tensor tells the path; the engine checks the others.
+        src_device = src[0].device if src else self.slot_device
+        if self.slot_device.type == "cuda":
+            # Device arena: pack straight into the slot on the arena's GPU.
+            with torch.cuda.device(self.slot_device):
+                ops.pack_(src, flat, self.offsets)
+                torch.cuda.current_stream().synchronize()
+        elif src_device.type == "cuda":
+            # One pack launch on the sender's GPU, then one DMA into the pinned slot.
+            with torch.cuda.device(src_device):
+                if self._stage is None or self._stage.device != src_device:
+                    self._stage = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=src_device)
+                ops.pack_(src, self._stage, self.offsets)
+                flat.copy_(self._stage, non_blocking=True)
+                torch.cuda.current_stream().synchronize()
+        elif not any(t.is_cuda for t in src):
+            # Host to host. The layout already validated every pair, so skip the engine
+            # wrapper's per-call work (backend lookup, no_grad, list copies): on a small model
+            # it costs more than the copy. Native: one call of the op; torch: one foreach.
+            if self._native:
+                try:
+                    torch.ops.weightsync.pack_(src, flat, self.offsets, False)
+                except (RuntimeError, ValueError, TypeError) as exc:
+                    raise translate_native_error(exc) from None
+            else:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.views[slot], src)
+        else:
+            ops.pack_(src, flat, self.offsets)
+            if any(t.is_cuda for t in src):
+                torch.cuda.synchronize()
+
+    def close(self) -> None:
+        if self._pinned is not None:
+            self._pinned.release()
+            self._pinned = None
+        self._device_slots = None
+        self._stage = None
+        self.arena.close()
+
+
+class SharedMemSenderTransport:
+    """The sender end: one arena per (source, device group), written on every send.
+
+    Args:
+        sources: per arena to build, ``(named tensors, worker ids, slot device)``: the tensors
+            define the layout; ``slot device`` is ``cpu`` (host arena) or the CUDA device of a
+            device arena for workers on the sender's GPU.
+        mode: ``"copy"`` or ``"view"``.
+        slots: slots per arena; default workers + 2 (a free slot always exists, however slow
+            the workers).
+        pin: page-lock host arenas (a GPU is on either end).
+        sync: default of :meth:`send_weights`.
+        timeout: default bound on every wait.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[tuple[Mapping[str, torch.Tensor], Sequence[int], torch.device]],
+        *,
+        mode: str = "copy",
+        slots: int | None = None,
+        pin: bool = False,
+        sync: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.sync = sync
+        self.timeout = timeout
+        self._arenas: list[_SenderArena] = []
+        self._by_worker: dict[int, _SenderArena] = {}
+        self._lock = threading.Lock()
+        self.version = 0
+        try:
+            for named, workers, slot_device in sources:
+                layout = Layout.from_tensors(named.items())
+                n = slots if slots is not None else len(workers) + 2
+                sa = _SenderArena(layout, workers, n, torch.device(slot_device), pin)
+                self._arenas.append(sa)
+                for w in workers:
+                    if w in self._by_worker:
+                        raise ValueError(f"worker {w} is listed in two arenas")
+                    self._by_worker[w] = sa
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def workers(self) -> list[int]:
+        return sorted(self._by_worker)
+
+    def layout_of(self, worker: int) -> Layout:
+        return self._arena_of(worker).layout
+
+    def arena_names(self) -> list[str]:
+        return [sa.arena.name for sa in self._arenas]
+
+    def tickets(self) -> dict[int, ArenaTicket]:
+        """What each worker needs to attach (picklable)."""
+        return {w: sa.ticket(w) for w, sa in self._by_worker.items()}
+
+    def _arena_of(self, worker: int) -> _SenderArena:
+        try:
+            return self._by_worker[worker]
+        except KeyError:
+            raise SchemeStateError(
+                f"worker {worker} is not registered with this sender (workers {self.workers})"
+            ) from None
+
+    def send(
+        self,
+        weights: Callable[[Layout, Sequence[int]], list[torch.Tensor]],
+        worker_ids: Sequence[int] | None = None,
+        *,
+        sync: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> int:
+        """Publish a new version to ``worker_ids`` (all workers when None).
+
+        Args:
+            weights: ``weights(layout, workers)`` returns the source tensors in ``layout``
+                order for the workers of one arena; it validates and raises before anything
+                is written.
+            sync: wait until every targeted worker acked the version.
+            timeout: bound on finding a free slot and on the acks.
+
+        Returns:
+            The version published.
+
+        Raises:
+            WeightSyncTimeout: ``sync`` and a worker did not ack within ``timeout``.
+        """
+        targets = self.workers if worker_ids is None else list(worker_ids)
+        plan: list[tuple[_SenderArena, list[int], list[torch.Tensor]]] = []
+        grouped: dict[int, tuple[_SenderArena, list[int]]] = {}
+        for w in targets:
+            sa = self._arena_of(w)
+            grouped.setdefault(id(sa), (sa, []))[1].append(w)
+        # Validate every arena's sources before the first byte is written.
+        for sa, ws in grouped.values():
+            plan.append((sa, ws, weights(sa.layout, ws)))
+        with self._lock:
+            self.version += 1
+            version = self.version
+            deadline = time.monotonic() + timeout
+            for sa, ws, src in plan:
+                slot = sa.arena.acquire_slot(max(0.0, deadline - time.monotonic()))
+                try:
+                    sa.write(slot, src)
+                except BaseException:
+                    sa.arena.abort_slot(slot)
+                    raise
+                sa.arena.commit_slot(slot, version)
+                sa.arena.publish(slot, version, [sa.local[w] for w in ws])
+            if sync:
+                for sa, ws, _ in plan:
+                    sa.arena.wait_acks(
+                        [sa.local[w] for w in ws], version, max(0.0, deadline - time.monotonic())
+                    )
+        return version
+
+    def send_weights(self, weights: Any, worker_ids: Sequence[int] | None = None) -> None:
+        """TransportBackend: publish ``weights`` (a module, TensorDict or dict) to the workers."""
+
+        def source(layout: Layout, workers: Sequence[int]) -> list[torch.Tensor]:
+            return layout.match(named_tensors(weights), theirs="weights to send", ours="arena")
+
+        self.send(source, worker_ids, sync=self.sync, timeout=self.timeout)
+
+    def receive_weights(self, timeout: float | None = None, **kwargs: Any) -> None:
+        """TransportBackend: a sender receives nothing."""
+        raise SchemeStateError("receive_weights is a worker call; this is the sender end")
+
+    def acked(self, worker: int) -> int:
+        """The newest version ``worker`` acknowledged."""
+        sa = self._arena_of(worker)
+        return sa.arena.acked(sa.local[worker])
+
+    def worker_alive(self, worker: int) -> bool:
+        sa = self._arena_of(worker)
+        return sa.arena.worker_alive(sa.local[worker])
+
+    def close(self) -> None:
+        """Tell workers we are gone, and remove every segment."""
+        arenas, self._arenas = self._arenas, []
+        self._by_worker = {}
+        for sa in arenas:
+            sa.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Worker end
+# --------------------------------------------------------------------------------------------
+
+
+class SharedMemReceiverTransport:
+    """The worker end: takes the newest version offered to it.
+
+    Args:
+        ticket: where the arena is (from the sender's :meth:`SharedMemSenderTransport.tickets`).
+        worker: this worker's id (for messages).
+        mode: ``"copy"`` or ``"view"``.
+
+    Every apply runs under :attr:`lock`, an ``RLock``; hold it around inference to keep an
+    update from landing in the middle of a forward pass.
+    """
+
+    def __init__(self, ticket: ArenaTicket, worker: int, *, mode: str = "copy") -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.ticket = ticket
+        self.worker = worker
+        self.mode = mode
+        self.version = 0
+        self.lock = threading.RLock()
+        self.arena: Arena | None = None
+        self.tensors: list[torch.Tensor] = []
+        self.keys: tuple[str, ...] = ()
+        self._apply: Callable[[int], int] | None = None
+        self._views: list[list[torch.Tensor]] = []
+        self._plans: list[Callable[[], None]] = []
+        self._mapped = -1
+        self._pinned: _Pinned | None = None
+        self._device_slots: torch.Tensor | None = None
+        self._stage: torch.Tensor | None = None
+        self._unpack: Callable[[], None] | None = None
+        self._cuda: torch.device | None = None
+        # CUDA devices whose current stream must finish a copy before its slot is released.
+        self._sync_devices: list[torch.device] = []
+
+    @property
+    def layout(self) -> Layout:
+        if self.arena is None:
+            raise SchemeStateError(f"worker {self.worker} is not connected")
+        return self.arena.layout
+
+    # -- connect -----------------------------------------------------------------------------
+
+    def connect(
+        self,
+        destination: Mapping[str, torch.Tensor] | None,
+        *,
+        device: torch.device | str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        """Attach, check the layout against ``destination``, and take the first version.
+
+        Args:
+            destination: the worker's tensors by name (a model's parameters and buffers); None
+                to receive into tensors of our own (``device``, CPU by default).
+            timeout: how long to wait for the sender's first version.
+
+        Raises:
+            KeyMismatchError / ShapeMismatchError / DTypeMismatchError: ``destination`` differs
+                from the sender's layout; nothing is applied.
+            WeightSyncTimeout / PeerDiedError: no first version within ``timeout``.
+        """
+        arena = Arena.attach(self.ticket.name)
+        try:
+            layout = arena.layout
+            if destination is not None:
+                dst = layout.match(dict(destination), theirs=f"worker {self.worker} model")
+                mine = Layout.from_tensors(zip(layout.keys, dst))
+                if mine.hash != layout.hash:
+                    raise LayoutMismatchError(
+                        f"worker {self.worker}: layout hash {mine.hash:#x} differs from the "
+                        f"sender's {layout.hash:#x} although every key, shape and dtype matches "
+                        "(different weightsync versions on the two ends?)"
+                    )
+            else:
+                dev = torch.device(device or "cpu")
+                dst = [torch.empty(e.shape, dtype=e.dtype, device=dev) for e in layout.entries]
+            self._setup(arena, dst)
+            arena.join(self.ticket.index)
+        except BaseException:
+            self._teardown()
+            arena.close()
+            raise
+        self.arena = arena
+        self.keys = layout.keys
+        self.tensors = dst
+        try:
+            if not arena.wait_offer(0, timeout):
+                raise WeightSyncTimeout(
+                    f"worker {self.worker}: no weights from the sender of arena {arena.name} "
+                    f"within {timeout:.3g} s",
+                    workers=[self.worker],
+                    alive={self.worker: True},
+                )
+            if not self.poll():
+                raise SchemeStateError(f"worker {self.worker}: the first version vanished at connect")
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, arena: Arena, dst: list[torch.Tensor]) -> None:
+        layout = arena.layout
+        ticket = self.ticket
+        dst_device = _single_device(dst)
+        if self.mode == "view":
+            if ticket.slot_device != "cpu" or dst_device is None or dst_device.type != "cpu":
+                raise DeviceMismatchError(
+                    f"worker {self.worker}: view mode needs a CPU worker reading a host arena; "
+                    f"its tensors are on {sorted({str(t.device) for t in dst})} and the arena's "
+                    f"slots on {ticket.slot_device}; use mode='copy'"
+                )
+            self._views = [layout.views(arena.slot_bytes(s)) for s in range(arena.nslots)]
+            self._apply = self._apply_view
+            return
+        if ticket.device_slots is not None:
+            fn, args = ticket.device_slots
+            self._device_slots = fn(*args)
+            stride = arena.slot_stride
+            flats = [self._device_slots[s * stride : s * stride + layout.nbytes] for s in range(arena.nslots)]
+            self._cuda = self._device_slots.device
+            self._sync_devices = [self._cuda]
+            self._plans = [_copier(dst, layout.views(f)) for f in flats]
+            self._apply = self._apply_plan
+            return
+        if dst_device is not None and dst_device.type == "cuda":
+            # One DMA of the whole slot into a staging buffer, then one unpack launch.
+            self._pinned = _Pinned(arena.all_slots())
+            self._cuda = dst_device
+            self._stage = torch.empty(layout.nbytes, dtype=torch.uint8, device=dst_device)
+            self._unpack = _copier(dst, layout.views(self._stage))
+            self._apply = self._apply_staged
+            return
+        if any(t.is_cuda for t in dst):
+            # Tensors on several devices: a batched copy per slot, through pinned memory.
+            self._pinned = _Pinned(arena.all_slots())
+            self._sync_devices = sorted({t.device for t in dst if t.is_cuda}, key=str)
+        self._plans = [_copier(dst, layout.views(arena.slot_bytes(s))) for s in range(arena.nslots)]
+        self._apply = self._apply_plan
+
+    # -- taking versions ---------------------------------------------------------------------
+
+    # Each _apply_* applies ``slot`` and returns the slot this worker no longer needs (-1:
+    # none); poll() acks first and releases after, so the sender hears one syscall sooner.
+
+    def _apply_plan(self, slot: int) -> int:
+        self._plans[slot]()
+        for device in self._sync_devices:
+            # The copy is complete only once the GPU finished it; then the slot may be reused.
+            torch.cuda.current_stream(device).synchronize()
+        return slot
+
+    def _apply_staged(self, slot: int) -> int:
+        with torch.cuda.device(self._cuda):
+            stream = torch.cuda.current_stream()
+            self._stage.copy_(self.arena.slot_bytes(slot), non_blocking=True)
+            stream.synchronize()
+            # The slot is no longer read: let the sender have it while the GPU unpacks.
+            self.arena.release_slot(slot)
+            self._unpack()
+            stream.synchronize()
+        return -1
+
+    def _apply_view(self, slot: int) -> int:
+        views = self._views[slot]
+        # ``.data =`` swaps the tensor's storage pointer and keeps the Python object (the
+        # module's Parameter stays the same object); it is about 6x cheaper than set_().
+        for t, v in zip(self.tensors, views):
+            t.data = v
+        old, self._mapped = self._mapped, slot
+        self.arena.set_mapped(slot)
+        return old if old != slot else -1
+
+    def poll(self) -> bool:
+        """Apply the newest version offered to this worker if it is newer. Never blocks."""
+        arena = self.arena
+        if arena is None:
+            raise SchemeStateError(f"worker {self.worker} is not connected")
+        with self.lock:
+            got = arena.open_offer(self.version)
+            if got is None:
+                return False
+            version, slot = got
+            try:
+                done = self._apply(slot)
+            except BaseException:
+                if slot != self._mapped:
+                    arena.release_slot(slot)
+                raise
+            self.version = version
+            arena.ack(version)
+            if done >= 0:
+                arena.release_slot(done)
+            return True
+
+    def receive(self, wait: float = 0.0) -> int | None:
+        """Apply the newest version if newer, waiting up to ``wait`` seconds for one.
+
+        Returns the version applied, or None when nothing newer came.
+
+        Raises:
+            PeerDiedError: the sender died or shut down and nothing newer is on offer.
+        """
+        if self.poll():
+            return self.version
+        arena = self.arena
+        if wait > 0 and arena.wait_offer(self.version, wait):
+            if self.poll():
+                return self.version
+        if not arena.sender_alive():
+            if self.poll():
+                return self.version
+            raise PeerDiedError(
+                f"worker {self.worker}: the sender (pid {arena.sender_pid}) of arena "
+                f"{arena.name} {'shut down' if arena.closed else 'died'}"
+            )
+        return None
+
+    def receive_weights(
+        self,
+        timeout: float | None = None,
+        *,
+        weights: Any = None,
+        model: Any = None,
+        strategy: Any = None,
+    ) -> dict[str, torch.Tensor] | None:
+        """TransportBackend: apply the newest version if newer (waiting up to ``timeout``).
+
+        The weights land in the tensors bound at :meth:`connect` (``model`` and ``strategy``
+        are not needed); returns them by name, or None when nothing newer came.
+        """
+        if self.receive(0.0 if timeout is None else timeout) is None:
+            return None
+        return dict(zip(self.keys, self.tensors))
+
+    def send_weights(self, weights: Any) -> None:
+        """TransportBackend: a worker sends nothing."""
+        raise SchemeStateError("send_weights is a sender call; this is a worker end")
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a version newer than ours is offered (True) or ``timeout`` (False)."""
+        return self.arena.wait_offer(self.version, timeout)
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        if self._pinned is not None:
+            self._pinned.release()
+            self._pinned = None
+        self._plans = []
+        self._unpack = None
+        self._stage = None
+        self._device_slots = None
+
+    def privatize(self) -> None:
+        """View mode: give the tensors private copies of the version they view and let the
+        slot go (before anything writes into them; the next version re-points them)."""
+        with self.lock:
+            if self._mapped < 0:
+                return
+            for t in self.tensors:
+                t.data = t.data.clone()
+            slot, self._mapped = self._mapped, -1
+            if self.arena is not None:
+                self.arena.set_mapped(-1)
+                self.arena.release_slot(slot)
+
+    def close(self) -> None:
+        """Detach. In view mode the tensors first get private copies of the version they view."""
+        with self.lock:
+            self.privatize()
+            self._views = []
+            self._teardown()
+            arena, self.arena = self.arena, None
+            if arena is not None:
+                arena.close()
