@@ -20,7 +20,8 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
                           env=full_env, timeout=120, check=False)
 
 
-def test_backend_info_names_active_backend_and_reasons():
+def test_backend_info_names_active_backend_and_reasons(monkeypatch):
+    monkeypatch.delenv("WEIGHTSYNC_BACKEND", raising=False)
     info = weightsync.backend_info()
     assert set(info["devices"]) == {"cpu", "cuda"}
     cpu = info["devices"]["cpu"]
