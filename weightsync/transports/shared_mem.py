@@ -319,8 +319,10 @@ class _SenderArena:
                     torch._foreach_copy_(self.views[slot], src)
         else:
             ops.pack_(src, flat, self.offsets)
-            if any(t.is_cuda for t in src):
-                torch.cuda.synchronize()
+            # Complete before publishing: wait for the streams that read the sources, not for
+            # the whole device.
+            for device in {t.device for t in src if t.is_cuda}:
+                torch.cuda.current_stream(device).synchronize()
 
     def close(self) -> None:
         if self._pinned is not None:
