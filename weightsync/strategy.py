@@ -654,13 +654,7 @@ class WeightStrategy:
         """
         if weights is None:
             return
-        if isinstance(weights, nn.Module):
-            weights = self._module_tree(weights)
-        elif not isinstance(weights, (TensorDictBase, Mapping)):
-            raise UnsupportedWeightsError(
-                f"weights must be a TensorDict, a dict of tensors or an nn.Module, got "
-                f"{type(weights).__name__}"
-            )
+        weights = self._weights_tree(weights)
         if not inplace:
             _apply_out_of_place(destination, weights)
             return
@@ -675,14 +669,18 @@ class WeightStrategy:
         """
         if weights is None:
             return
+        self._binding(destination, self._weights_tree(weights))
+
+    def _weights_tree(self, weights: Any) -> Any:
+        """``weights`` as a tree :meth:`_binding` takes (a module becomes its TensorDict)."""
         if isinstance(weights, nn.Module):
-            weights = self._module_tree(weights)
-        elif not isinstance(weights, (TensorDictBase, Mapping)):
+            return self._module_tree(weights)
+        if not isinstance(weights, (TensorDictBase, Mapping)):
             raise UnsupportedWeightsError(
                 f"weights must be a TensorDict, a dict of tensors or an nn.Module, got "
                 f"{type(weights).__name__}"
             )
-        self._binding(destination, weights)
+        return weights
 
     def _binding(self, destination: Any, weights: Any) -> _Binding:
         entry = self._destinations.get(id(destination))
