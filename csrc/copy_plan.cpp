@@ -3,6 +3,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <cstdio>
 
 #include "engine.h"
@@ -20,12 +21,33 @@ void dispatch_batched_copy(const std::vector<at::Tensor>& dst, const std::vector
 
 }  // namespace
 
-CopyPlan::Fingerprint CopyPlan::fingerprint(const at::Tensor& t) {
-  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  const c10::Storage& storage = impl->unsafe_storage();
-  return {storage ? storage.unsafeGetStorageImpl()->data() : nullptr, impl->storage_offset(),
-          impl->numel(), impl->itemsize(), impl->is_contiguous()};
+CopyPlan::Fingerprint CopyPlan::fingerprint(const c10::TensorImpl& impl) {
+  const c10::Storage& storage = impl.unsafe_storage();
+  return {storage ? storage.unsafeGetStorageImpl()->data() : nullptr, impl.storage_offset(),
+          impl.numel(), impl.itemsize(), impl.is_contiguous()};
 }
+
+namespace {
+
+// A fingerprint reads a TensorImpl (a few cache lines) and then its StorageImpl: two dependent
+// misses per tensor once a large copy has flushed them from the cache, which made the check
+// about a fifth of a 1000-tensor run. Prefetching the impls a few tensors ahead, and their
+// storages a little less far ahead (their address is in the impl), overlaps those misses.
+constexpr std::size_t kImplAhead = 16;
+constexpr std::size_t kStorageAhead = 8;
+
+inline void prefetch_impl(const c10::TensorImpl* impl) {
+  const char* begin = reinterpret_cast<const char*>(impl);
+  for (std::size_t at = 0; at < sizeof(c10::TensorImpl); at += 64) __builtin_prefetch(begin + at);
+  __builtin_prefetch(begin + sizeof(c10::TensorImpl) - 1);
+}
+
+inline void prefetch_storage(const c10::TensorImpl* impl) {
+  const c10::Storage& storage = impl->unsafe_storage();
+  if (storage) __builtin_prefetch(storage.unsafeGetStorageImpl());
+}
+
+}  // namespace
 
 CopyPlan::CopyPlan(std::vector<at::Tensor> dst, std::vector<at::Tensor> src)
     : dst_(std::move(dst)), src_(std::move(src)) {
@@ -38,23 +60,53 @@ void CopyPlan::rebuild() {
   ++rebuilds_;
   host_only_ = true;
   nbytes_ = 0;
+  impls_.clear();
+  impls_.reserve(2 * dst_.size());
   fingerprints_.clear();
   fingerprints_.reserve(2 * dst_.size());
   for (std::size_t i = 0; i < dst_.size(); ++i) {
     host_only_ = host_only_ && dst_[i].is_cpu() && src_[i].is_cpu();
     nbytes_ += nbytes_of(dst_[i]);
-    fingerprints_.push_back(fingerprint(dst_[i]));
-    fingerprints_.push_back(fingerprint(src_[i]));
+    impls_.push_back(dst_[i].unsafeGetTensorImpl());
+    impls_.push_back(src_[i].unsafeGetTensorImpl());
   }
+  // Checked in address order: neighbouring impls share pages and page-table lines, so the
+  // check walks the page tables far less often than in parameter order (the copies have
+  // just pushed those pages out of the TLB).
+  std::sort(impls_.begin(), impls_.end());
+  for (const c10::TensorImpl* impl : impls_) fingerprints_.push_back(fingerprint(*impl));
   spans_.clear();
   strided_.clear();
-  if (host_only_) spans_ = host_spans(dst_, src_, &strided_);
+  if (host_only_) {
+    spans_ = host_spans(dst_, src_, &strided_);
+    // Destination-address order, with touching spans merged: scattered parameters are then
+    // written as a few forward streams, which the TLB and the prefetchers handle far better
+    // than parameter order; views of one buffer become a single memcpy.
+    std::sort(spans_.begin(), spans_.end(),
+              [](const core::CopySpan& a, const core::CopySpan& b) { return a.dst < b.dst; });
+    std::size_t kept = 0;
+    for (std::size_t i = 0; i < spans_.size(); ++i) {
+      if (kept > 0) {
+        core::CopySpan& last = spans_[kept - 1];
+        if (static_cast<char*>(last.dst) + last.nbytes == spans_[i].dst &&
+            static_cast<const char*>(last.src) + last.nbytes == spans_[i].src) {
+          last.nbytes += spans_[i].nbytes;
+          continue;
+        }
+      }
+      spans_[kept++] = spans_[i];
+    }
+    spans_.resize(kept);
+  }
 }
 
 bool CopyPlan::is_valid() const {
-  for (std::size_t i = 0; i < dst_.size(); ++i) {
-    if (!(fingerprint(dst_[i]) == fingerprints_[2 * i])) return false;
-    if (!(fingerprint(src_[i]) == fingerprints_[2 * i + 1])) return false;
+  const std::size_t n = impls_.size();
+  for (std::size_t i = 0; i < std::min(n, kImplAhead); ++i) prefetch_impl(impls_[i]);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i + kImplAhead < n) prefetch_impl(impls_[i + kImplAhead]);
+    if (i + kStorageAhead < n) prefetch_storage(impls_[i + kStorageAhead]);
+    if (!(fingerprint(*impls_[i]) == fingerprints_[i])) return false;
   }
   return true;
 }

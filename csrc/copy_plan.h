@@ -43,10 +43,12 @@ class CopyPlan : public torch::CustomClassHolder {
     bool contiguous;
     bool operator==(const Fingerprint&) const = default;
   };
-  static Fingerprint fingerprint(const at::Tensor& t);
+  static Fingerprint fingerprint(const c10::TensorImpl& impl);
 
   std::vector<at::Tensor> dst_;
   std::vector<at::Tensor> src_;
+  // The impls of every tensor above, in address order, and their fingerprints.
+  std::vector<const c10::TensorImpl*> impls_;
   std::vector<Fingerprint> fingerprints_;
   std::vector<core::CopySpan> spans_;
   std::vector<std::size_t> strided_;  // host pairs that need at::Tensor::copy_

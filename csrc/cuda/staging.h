@@ -38,8 +38,9 @@ struct Segment {
 
 // Bucket size for CPU/DMA pipelining. Small enough that the part that cannot overlap (packing
 // the first bucket, moving the last one: a few ms) is small against a large payload; at least
-// twice the copier's threading threshold, so each bucket's CPU copy still runs on all copier
-// threads; 4 KiB-aligned so DMAs start on page boundaries of the pinned buffer.
+// twice the copier's threading threshold (when someone raises it), so each bucket's CPU copy
+// still runs on all copier threads; 4 KiB-aligned so DMAs start on page boundaries of the
+// pinned buffer.
 inline std::size_t bucket_bytes(const core::CopyOptions& opts) {
   const std::size_t floor = std::size_t{16} << 20;
   return core::align_up(std::max(floor, 2 * opts.parallel_min_bytes), 4096);

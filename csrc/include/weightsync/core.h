@@ -23,8 +23,12 @@ struct CopySpan {
 // and a busy neighbour core must not stall the caller, so work is handed out in chunks that
 // the calling thread also takes; a descheduled helper delays at most the one chunk it holds.
 struct CopyOptions {
-  // Payloads below this many bytes are copied by the calling thread alone.
-  std::size_t parallel_min_bytes = std::size_t{4} << 20;
+  // Payloads below this many bytes are copied by the calling thread alone. Measured on a
+  // 2-core VM (bench/engine_bench.py --threads-experiment and per-size runs): a second thread
+  // pays from about 256 KiB when the other core is idle, and with a busy neighbour it costs
+  // under 20% rather than collapsing, since the caller never waits for a helper that has not
+  // started.
+  std::size_t parallel_min_bytes = std::size_t{256} << 10;
   // Upper bound on threads (the caller included). 1 disables the pool.
   int max_threads = 1;
   // Granularity of the work split; big tensors are cut into chunks of this size. Payloads
