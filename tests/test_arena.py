@@ -7,6 +7,7 @@ exactly as they do between processes.
 from __future__ import annotations
 
 import fcntl
+import threading
 import time
 
 import pytest
@@ -22,6 +23,7 @@ from weightsync.errors import (
     ShapeMismatchError,
     WeightSyncTimeout,
 )
+import weightsync.transports.arena as arena_mod
 from weightsync.transports.arena import ALIGNMENT, Arena, Layout, _lock
 from weightsync.transports.shm_segment import ShmSegment
 
@@ -256,6 +258,33 @@ def test_wait_acks_uses_scheme_ids(arena, workers):
     with pytest.raises(WeightSyncTimeout, match=r"workers \[7, 9\] .* worker 7 \(pid") as info:
         arena.wait_acks([0, 1], 1, 0.05)
     assert info.value.workers == [7, 9]
+
+
+def test_ack_wakes_a_sleeping_sender_and_only_then(arena, workers, monkeypatch):
+    # A lost wake would leave the sender asleep until the liveness period: make that period
+    # long, so the test fails by timing out instead of passing slowly.
+    monkeypatch.setattr(arena_mod, "_LIVENESS_PERIOD", 30.0)
+    end = workers[0]
+    wakes = []
+    real_wake = end._wake
+    monkeypatch.setattr(end, "_wake", lambda word: wakes.append(word) or real_wake(word))
+    _write(arena, 1, workers=(0,))
+    end.ack(1)  # nobody waits yet: no wake syscall
+    assert wakes == []
+    arena.wait_acks([0], 1, 1.0)
+
+    _write(arena, 2, workers=(0,))
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (arena.wait_acks([0], 2, 20.0), done.set()))
+    waiter.start()
+    deadline = time.monotonic() + 5.0
+    while not arena._q[arena_mod._H_ACK_SLEEPING // 8] and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert arena._q[arena_mod._H_ACK_SLEEPING // 8] == 1, "the sender never went to sleep"
+    end.ack(2)
+    assert done.wait(5.0), "the ack did not wake the sleeping sender"
+    waiter.join()
+    assert len(wakes) == 1 and arena._q[arena_mod._H_ACK_SLEEPING // 8] == 0
 
 
 def test_wait_offer_wakes_on_publish(arena, workers):

@@ -80,7 +80,7 @@ DEFAULT_TIMEOUT = 10.0
 _LIVENESS_PERIOD = 0.02
 
 _MAGIC = 0x314E455241535357  # b"WSSAREN1", little-endian
-_FORMAT = 1
+_FORMAT = 2
 _MAX_SLOTS = 255  # the slot index lives in the low byte of an offer word
 
 # Header: constants (int64 words, by byte offset), then the publish futex word on its own line.
@@ -88,6 +88,9 @@ _H_MAGIC, _H_FORMAT, _H_HASH, _H_NSLOTS, _H_NWORKERS = 0, 8, 16, 24, 32
 _H_SLOT_STRIDE, _H_SLOTS_OFF, _H_LAYOUT_OFF, _H_LAYOUT_LEN = 40, 48, 56, 64
 _H_SENDER_PID, _H_CLOSED, _H_PAYLOAD, _H_HOST_SLOTS = 72, 80, 88, 96
 _H_PUB_FUTEX = 128  # bumped by the sender on every publish
+# 1 while the sender sleeps on an ack word: only then does an ack cost the worker a wake
+# syscall (an async sender never sleeps on acks, so its workers never pay it).
+_H_ACK_SLEEPING = 136
 _SLOT_RECORDS = 192  # 64 bytes per slot from here: seq, version
 _SLOT_RECORD = 64
 _S_SEQ, _S_VERSION = 0, 8
@@ -589,6 +592,7 @@ class Arena:
             return
         deadline = time.monotonic() + timeout
         dead: set[int] = set()
+        q, sleeping = self._q, _H_ACK_SLEEPING // 8
         next_check = time.monotonic() + _LIVENESS_PERIOD
         while pending:
             w = pending[0]
@@ -609,7 +613,14 @@ class Arena:
             left = deadline - now
             if left <= 0:
                 break
-            self._wait(self._ack_words[w], seen, min(left, _LIVENESS_PERIOD))
+            # Announce the sleep, then look once more: an ack that landed before the worker
+            # could see the flag is caught here, and one after it finds the flag and wakes us
+            # (the futex word check closes the gap between the two). At worst a wake is lost
+            # to store reordering and the wait ends after _LIVENESS_PERIOD.
+            q[sleeping] = 1
+            if self.acked(w) < version:
+                self._wait(self._ack_words[w], seen, min(left, _LIVENESS_PERIOD))
+            q[sleeping] = 0
         pending = [w for w in workers if self.acked(w) < version]
         if not pending:
             return
@@ -737,7 +748,8 @@ class Arena:
         self._q[(base + _W_ACKED) // 8] = version
         ai = (base + _W_ACK_FUTEX) // 4
         self._i[ai] = (self._i[ai] + 1) & 0x7FFFFFFF
-        self._wake(self._ack_words[self.worker])
+        if self._q[_H_ACK_SLEEPING // 8]:
+            self._wake(self._ack_words[self.worker])
 
     # -- teardown ----------------------------------------------------------------------------
 
