@@ -378,6 +378,44 @@ def test_send_validates_before_writing():
 # -- timeouts, dead peers, guard, background -----------------------------------------------------
 
 
+@pytest.mark.parametrize("locked", [False, True])
+def test_resending_one_tensordict_follows_its_changes(locked):
+    # The sender keeps the matched layout of a TensorDict it sent before; every way the
+    # TensorDict can change between sends must still be seen.
+    with in_process(1) as (trainer, sender, sides):
+        sender.sync = False
+        side = sides[0]
+        weights = TensorDict.from_module(randomize(TinyModel(), 7)).clone()
+        if locked:
+            weights.lock_()
+
+        def send_and_check(version):
+            sender.send(weights)
+            assert side.scheme.receive() is not None
+            assert side.scheme.weights_version == version
+            for key, value in weights.items(include_nested=True, leaves_only=True):
+                name = key if isinstance(key, str) else ".".join(key)
+                assert torch.equal(_bits(side.model.state_dict()[name]), _bits(value))
+
+        send_and_check(1)
+        weights["lin", "weight"].add_(1.0)  # in place
+        send_and_check(2)
+        weights["lin", "weight"].data = torch.full_like(weights["lin", "weight"], 3.0)  # new storage
+        send_and_check(3)
+        if not locked:
+            weights["lin", "bias"] = torch.full_like(weights["lin", "bias"], -2.0)  # new object
+            send_and_check(4)
+            weights["lin", "bias"] = torch.zeros(weights["lin", "bias"].numel() + 1)
+            with pytest.raises(ShapeMismatchError, match="lin.bias"):
+                sender.send(weights)
+            assert side.scheme.receive() is None and side.scheme.weights_version == 4
+        # A resize in place keeps the object: still caught, before anything is written.
+        weights["lin", "weight"].data = torch.zeros(2, 2)
+        with pytest.raises(ShapeMismatchError, match="lin.weight"):
+            sender.send(weights)
+        assert side.scheme.receive() is None
+
+
 def test_sync_send_times_out_naming_a_worker_that_does_not_take_it():
     with in_process(2, timeout=0.3) as (trainer, sender, sides):
         sides[0].scheme.start_background()

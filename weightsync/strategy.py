@@ -377,7 +377,7 @@ class _WalkSnapshot:
                 if type(v) is TensorDict:
                     stack.append(v)
                 elif isinstance(v, TensorDictBase):
-                    raise _Uncacheable
+                    raise UncacheableTree
 
     def unchanged(self, td: Any) -> bool:
         for node, keys, values in zip((td, *self.nodes), self.keys, self.values):
@@ -428,11 +428,20 @@ class _ModuleSnapshot:
         return count == len(self.modules)
 
 
-class _Uncacheable(Exception):
-    """Internal: the tree cannot be fingerprinted cheaply; plans for it are not cached."""
+class UncacheableTree(Exception):
+    """The tree cannot be fingerprinted cheaply (e.g. a plain dict); nothing derived from it
+    is cached. Internal to the package."""
 
 
-def _snapshot(tree: Any) -> _LockedSnapshot | _WalkSnapshot | _ModuleSnapshot:
+def tree_snapshot(tree: Any) -> _LockedSnapshot | _WalkSnapshot | _ModuleSnapshot:
+    """A cheap test of whether ``tree`` (a module or a TensorDict) still holds the very tensor
+    objects it holds now: ``tree_snapshot(t).unchanged(t)``. Used to cache what is derived from
+    a tree (copy plans here, matched arena layouts in the shared-memory scheme). Internal to
+    the package.
+
+    Raises:
+        UncacheableTree: for other trees (plain dicts, TensorDict subclasses).
+    """
     if isinstance(tree, nn.Module):
         return _ModuleSnapshot(tree)
     if type(tree) is TensorDict:
@@ -441,7 +450,7 @@ def _snapshot(tree: Any) -> _LockedSnapshot | _WalkSnapshot | _ModuleSnapshot:
             if schema is not None:
                 return _LockedSnapshot(schema)
         return _WalkSnapshot(tree)
-    raise _Uncacheable
+    raise UncacheableTree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,15 +705,15 @@ class WeightStrategy:
                 return binding
         binding = _bind(destination, weights)
         try:
-            binding.dst_snapshot = _snapshot(destination)
-            binding.src_snapshot = _snapshot(weights)
+            binding.dst_snapshot = tree_snapshot(destination)
+            binding.src_snapshot = tree_snapshot(weights)
             if entry is None or entry.ref() is not destination:
                 entry = _DestinationEntry(
                     weakref.ref(destination, _dropper(self._destinations, id(destination), "ref"))
                 )
                 self._destinations[id(destination)] = entry
             binding.src_ref = weakref.ref(weights, _dropper(entry.bindings, id(weights), "src_ref"))
-        except (_Uncacheable, TypeError):  # TypeError: not weakly referenceable
+        except (UncacheableTree, TypeError):  # TypeError: not weakly referenceable
             return binding
         entry.bindings.pop(id(weights), None)
         if len(entry.bindings) >= _MAX_SOURCES_PER_DESTINATION:

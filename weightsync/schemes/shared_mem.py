@@ -34,6 +34,7 @@ from torch import nn
 
 from weightsync.errors import InvalidArgumentError, PeerDiedError, SchemeStateError
 from weightsync.schemes.base import UnknownWorkerError, WeightSyncScheme, resolve_attr
+from weightsync.strategy import UncacheableTree, tree_snapshot
 from weightsync.transports.arena import DEFAULT_TIMEOUT, Layout
 from weightsync.transports.shared_mem import (
     MODES,
@@ -119,6 +120,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         self._sender: SharedMemSenderTransport | None = None
         self._sources: dict[int, Any] = {}
         self._readers: dict[int, tuple[weakref.ReferenceType, _ModuleReader]] = {}
+        self._tree_reads: dict[int, tuple[weakref.ReferenceType, Any, list[torch.Tensor]]] = {}
         self._call_timeout: float | None = None
         # Receiver only.
         self._applied: Any = None
@@ -392,7 +394,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             src = weights if per_worker is None else per_worker[workers[0]]
             if isinstance(src, nn.Module):
                 return self._read_module(src, layout)
-            return layout.match(named_tensors(src), theirs="weights to send", ours="arena")
+            return self._read_tree(src, layout)
 
         timeout = self.timeout if self._call_timeout is None else self._call_timeout
         sender.send(source_tensors, worker_ids, sync=sync, timeout=timeout)
@@ -408,6 +410,27 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         if [t.shape for t in tensors] != layout.shapes or [t.dtype for t in tensors] != layout.dtypes:
             # The module changed under us: the full check names what differs.
             return layout.match(named_tensors(module), theirs="model to send", ours="arena")
+        return tensors
+
+    def _read_tree(self, tree: Any, layout: Layout) -> list[torch.Tensor]:
+        """A TensorDict's (or dict's) tensors in layout order.
+
+        Flattening and matching a tree costs more than packing it on small models (about 15 us
+        for an 8-tensor MLP, 0.8 ms for 1000 tensors), and trainers usually send the same
+        TensorDict again and again: the match is kept per layout while the tree holds the same
+        tensor objects (locked TensorDicts are checked in O(1)) and they keep their shapes and
+        dtypes. Plain dicts are matched every time.
+        """
+        cached = self._tree_reads.get(id(layout))
+        if cached is not None and cached[0]() is tree and cached[1].unchanged(tree):
+            tensors = cached[2]
+            if [t.shape for t in tensors] == layout.shapes and [t.dtype for t in tensors] == layout.dtypes:
+                return tensors
+        tensors = layout.match(named_tensors(tree), theirs="weights to send", ours="arena")
+        try:
+            self._tree_reads[id(layout)] = (weakref.ref(tree), tree_snapshot(tree), tensors)
+        except (UncacheableTree, TypeError):  # TypeError: not weakly referenceable
+            self._tree_reads.pop(id(layout), None)
         return tensors
 
     # -- receiver ---------------------------------------------------------------------------------
@@ -563,6 +586,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             receiver.close()
         self._sources = {}
         self._readers = {}
+        self._tree_reads = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -570,6 +594,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             _sender=None,
             _sources={},
             _readers={},
+            _tree_reads={},
             _receiver_transport=None,
             _applied=None,
             _weights_version=0,
