@@ -22,6 +22,8 @@ class CopyPlan : public torch::CustomClassHolder {
 
   void run(bool non_blocking);
   bool is_valid() const;
+  // is_valid() over impls_[begin, end) (dst and src impls, in address order).
+  bool is_valid_range(std::size_t begin, std::size_t end) const;
   void rebuild();
   std::int64_t nbytes() const { return static_cast<std::int64_t>(nbytes_); }
   std::int64_t size() const { return static_cast<std::int64_t>(dst_.size()); }

@@ -76,15 +76,39 @@ void run_chunk(const CopySpan* spans, const Chunk& c) {
   }
 }
 
+// Work the pool runs: `count()` pieces, handed out one at a time from a shared counter to the
+// caller and whichever helpers join.
 struct Job {
-  const CopySpan* spans;
-  const std::vector<Chunk>* chunks;
   std::atomic<std::size_t> next{0};
+  virtual ~Job() = default;
+  virtual std::size_t count() const = 0;
+  virtual void piece(std::size_t index) = 0;
 
   void work() {
-    const std::size_t n = chunks->size();
-    for (std::size_t c = next.fetch_add(1); c < n; c = next.fetch_add(1)) {
-      run_chunk(spans, (*chunks)[c]);
+    const std::size_t n = count();
+    for (std::size_t c = next.fetch_add(1); c < n; c = next.fetch_add(1)) piece(c);
+  }
+};
+
+struct CopyJob final : Job {
+  const CopySpan* spans = nullptr;
+  const std::vector<Chunk>* chunks = nullptr;
+  std::size_t count() const override { return chunks->size(); }
+  void piece(std::size_t index) override { run_chunk(spans, (*chunks)[index]); }
+};
+
+struct CheckJob final : Job {
+  std::size_t items = 0;
+  std::size_t grain = 1;
+  RangeCheck check = nullptr;
+  const void* context = nullptr;
+  std::atomic<bool> failed{false};
+  std::size_t count() const override { return (items + grain - 1) / grain; }
+  void piece(std::size_t index) override {
+    if (failed.load(std::memory_order_relaxed)) return;  // the answer is known: skip the rest
+    const std::size_t begin = index * grain;
+    if (!check(context, begin, std::min(items, begin + grain))) {
+      failed.store(true, std::memory_order_relaxed);
     }
   }
 };
@@ -208,12 +232,28 @@ void copy_spans(const CopySpan* spans, std::size_t count, const CopyOptions& opt
   const std::size_t per_thread = total / (4 * static_cast<std::size_t>(opts.max_threads));
   const std::size_t chunk = std::min(opts.chunk_bytes, std::max(kMinChunk, per_thread));
   const std::vector<Chunk> chunks = make_chunks(spans, count, chunk);
-  Job job;
+  CopyJob job;
   job.spans = spans;
   job.chunks = &chunks;
   // The pool is sized by the first caller's options; later callers asking for fewer threads
   // still share it, which only matters for tests that vary the count.
   if (!pool_for(opts)->run(job)) job.work();
+}
+
+bool all_of(std::size_t count, std::size_t grain, RangeCheck check, const void* context,
+            bool parallel, const CopyOptions& opts) {
+  grain = std::max<std::size_t>(grain, 1);
+  if (!parallel || opts.max_threads <= 1 || count <= grain) {
+    return count == 0 || check(context, 0, count);
+  }
+  CheckJob job;
+  job.items = count;
+  job.grain = grain;
+  job.check = check;
+  job.context = context;
+  if (!pool_for(opts)->run(job)) job.work();
+  // run() returns once every helper left the job: all pieces ran or were skipped after a failure.
+  return !job.failed.load(std::memory_order_relaxed);
 }
 
 }  // namespace weightsync::core

@@ -266,6 +266,57 @@ void test_copy_chunk_bytes_zero() {
   check_copy({10, 5000}, threaded(0), 0, 0, 91, "chunk_bytes = 0");
 }
 
+// ---- all_of ----------------------------------------------------------------------------------
+
+// Items are flags; the check also counts, per item, how often it was looked at.
+struct Flags {
+  std::vector<std::uint8_t> ok;
+  std::vector<std::atomic<int>> seen;
+  explicit Flags(std::size_t n) : ok(n, 1), seen(n) {}
+  static bool check(const void* self, std::size_t begin, std::size_t end) {
+    auto* f = static_cast<Flags*>(const_cast<void*>(self));
+    bool all = true;
+    for (std::size_t i = begin; i < end; ++i) {
+      f->seen[i].fetch_add(1);
+      all = all && f->ok[i] != 0;
+    }
+    return all;
+  }
+};
+
+void test_all_of_empty_and_small() {
+  Flags none(0);
+  EXPECT(weightsync::core::all_of(0, 8, Flags::check, &none, true, threaded()));
+  Flags few(5);
+  EXPECT(weightsync::core::all_of(5, 8, Flags::check, &few, true, threaded()));
+  few.ok[4] = 0;
+  EXPECT(!weightsync::core::all_of(5, 8, Flags::check, &few, true, threaded()));
+  EXPECT(!weightsync::core::all_of(5, 0, Flags::check, &few, false, single_thread()));  // grain 0
+}
+
+void test_all_of_visits_every_item_once_when_all_pass() {
+  for (bool parallel : {false, true}) {
+    for (std::size_t n : {std::size_t{1}, std::size_t{255}, std::size_t{256}, std::size_t{257},
+                          std::size_t{10000}}) {
+      Flags f(n);
+      EXPECT(weightsync::core::all_of(n, 256, Flags::check, &f, parallel, threaded()));
+      EXPECT(std::all_of(f.seen.begin(), f.seen.end(), [](const auto& c) { return c.load() == 1; }));
+    }
+  }
+}
+
+void test_all_of_finds_one_failure_anywhere() {
+  const std::size_t n = 4096;
+  for (std::size_t bad : {std::size_t{0}, std::size_t{1000}, n - 1}) {
+    for (bool parallel : {false, true}) {
+      Flags f(n);
+      f.ok[bad] = 0;
+      EXPECT(!weightsync::core::all_of(n, 64, Flags::check, &f, parallel, threaded()));
+      EXPECT(f.seen[bad].load() == 1);
+    }
+  }
+}
+
 // ---- find_overlap ----------------------------------------------------------------------------
 
 constexpr int kDst = 0;
@@ -526,6 +577,9 @@ int main(int argc, char** argv) {
       {"copy_concurrent_callers", test_copy_concurrent_callers},
       {"copy_waits_for_helpers", test_copy_waits_for_helpers},
       {"copy_chunk_bytes_zero", test_copy_chunk_bytes_zero},
+      {"all_of_empty_and_small", test_all_of_empty_and_small},
+      {"all_of_visits_every_item_once_when_all_pass", test_all_of_visits_every_item_once_when_all_pass},
+      {"all_of_finds_one_failure_anywhere", test_all_of_finds_one_failure_anywhere},
       {"overlap_disjoint", test_overlap_disjoint},
       {"overlap_touching", test_overlap_touching},
       {"overlap_dst_dst", test_overlap_dst_dst},

@@ -50,6 +50,17 @@ inline void copy_spans(const std::vector<CopySpan>& spans, const CopyOptions& op
   copy_spans(spans.data(), spans.size(), opts);
 }
 
+// A read-only test of the items [begin, end) of some list; true when they all pass.
+using RangeCheck = bool (*)(const void* context, std::size_t begin, std::size_t end);
+
+// Whether `check` passes on every item of [0, count), tested in pieces of `grain` items. With
+// `parallel` (the caller is about to copy on the pool anyway) the pieces are shared with the
+// copier's helper threads, which are then awake for the copy that follows; a failing piece
+// stops further pieces from starting. Used for the reallocation check of large copy plans,
+// which reads a few scattered cache lines per tensor.
+bool all_of(std::size_t count, std::size_t grain, RangeCheck check, const void* context,
+            bool parallel, const CopyOptions& opts);
+
 // A half-open byte range [begin, end) tagged with who owns it.
 struct ByteRange {
   std::uintptr_t begin;
