@@ -117,7 +117,7 @@ bool CopyPlan::is_valid() const {
   // Long lists share the check with the copier's helper threads when the copy will use them
   // anyway (the check reads a few scattered cache lines per tensor: about a fifth of a
   // 1000-tensor run on one thread).
-  const core::CopyOptions& opts = core::default_copy_options();
+  const core::CopyOptions opts = host_copy_options();
   const bool parallel = host_only_ && impls_.size() >= kParallelCheckMin &&
                         nbytes_ >= opts.parallel_min_bytes;
   return core::all_of(
@@ -137,7 +137,7 @@ void CopyPlan::run(bool non_blocking) {
     dispatch_batched_copy(dst_, src_, non_blocking);
     return;
   }
-  core::copy_spans(spans_, core::default_copy_options());
+  core::copy_spans(spans_, host_copy_options());
   for (std::size_t i : strided_) dst_[i].copy_(src_[i]);
 }
 

@@ -1,8 +1,10 @@
 #include "engine.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstring>
 #include <sstream>
 
@@ -132,6 +134,12 @@ void check_pack_lists(const char* op, at::TensorList tensors, const at::Tensor& 
   }
 }
 
+core::CopyOptions host_copy_options() {
+  core::CopyOptions options = core::default_copy_options();
+  options.max_threads = std::max(1, std::min(options.max_threads, at::get_num_threads()));
+  return options;
+}
+
 std::vector<core::CopySpan> host_spans(at::TensorList dst, at::TensorList src,
                                        std::vector<std::size_t>* rest) {
   std::vector<core::CopySpan> spans;
@@ -173,7 +181,7 @@ std::vector<core::CopySpan> flat_spans(at::TensorList tensors, std::uint8_t* fla
 void copy_pairs_host(at::TensorList dst, at::TensorList src) {
   std::vector<std::size_t> rest;
   const auto spans = host_spans(dst, src, &rest);
-  core::copy_spans(spans, core::default_copy_options());
+  core::copy_spans(spans, host_copy_options());
   for (std::size_t i : rest) {
     at::Tensor d = dst[i];
     d.copy_(src[i]);
@@ -184,7 +192,7 @@ void pack_host(at::TensorList src, const at::Tensor& flat, at::IntArrayRef offse
   std::vector<std::size_t> rest;
   auto* base = static_cast<std::uint8_t*>(flat.numel() ? flat.data_ptr() : nullptr);
   const auto spans = flat_spans(src, base, offsets, /*into_flat=*/true, &rest);
-  core::copy_spans(spans, core::default_copy_options());
+  core::copy_spans(spans, host_copy_options());
   for (std::size_t i : rest) {
     // A contiguous temporary keeps any offset valid (a typed view of flat would need the
     // offset aligned to the element size).
@@ -197,7 +205,7 @@ void unpack_host(const at::Tensor& flat, at::TensorList dst, at::IntArrayRef off
   std::vector<std::size_t> rest;
   auto* base = static_cast<std::uint8_t*>(flat.numel() ? flat.data_ptr() : nullptr);
   const auto spans = flat_spans(dst, base, offsets, /*into_flat=*/false, &rest);
-  core::copy_spans(spans, core::default_copy_options());
+  core::copy_spans(spans, host_copy_options());
   for (std::size_t i : rest) {
     at::Tensor tmp = at::empty(dst[i].sizes(), dst[i].options());
     std::memcpy(tmp.data_ptr(), base + offsets[i], nbytes_of(tmp));

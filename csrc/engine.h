@@ -39,6 +39,13 @@ void check_copy_lists(const char* op, at::TensorList dst, at::TensorList src);
 void check_pack_lists(const char* op, at::TensorList tensors, const at::Tensor& flat,
                       at::IntArrayRef offsets, bool tensors_are_written);
 
+// The host copier's options for this call: the process defaults (core::default_copy_options)
+// with the thread count capped by torch's intra-op thread count. A process that limited
+// torch's threads (collector workers usually call torch.set_num_threads(1), and several
+// processes share the cores) gets a single-threaded copier too, instead of a helper thread
+// that competes with its neighbours.
+core::CopyOptions host_copy_options();
+
 // Host-only execution (all tensors on the CPU), after validation. Contiguous pairs become one
 // span list for core::copy_spans; non-contiguous ones go through at::Tensor::copy_, which
 // puts the bytes in the right strided places.

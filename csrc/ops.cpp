@@ -6,13 +6,14 @@
 #include <torch/library.h>
 
 #include "copy_plan.h"
+#include "engine.h"
 #include "weightsync/core.h"
 
 namespace weightsync {
 namespace {
 
 std::vector<std::int64_t> engine_config() {
-  const auto& o = core::default_copy_options();
+  const core::CopyOptions o = host_copy_options();  // as a copy made now would use
   return {o.max_threads, static_cast<std::int64_t>(o.parallel_min_bytes),
           static_cast<std::int64_t>(o.chunk_bytes)};
 }

@@ -60,3 +60,23 @@ def test_raw_op_errors_are_tagged_and_wrapper_types_them(native):
 def test_engine_config_reports_host_copier(native):
     threads, min_bytes, chunk = torch.ops.weightsync.engine_config()
     assert threads >= 1 and min_bytes >= 0 and chunk >= 4096
+
+
+def test_host_copier_follows_torch_thread_count(native):
+    # Workers that limit torch's threads (torch.set_num_threads(1) in collector processes)
+    # get a single-threaded copier; copies stay exact on both sides of the change.
+    before = torch.get_num_threads()
+    dst = [torch.zeros(300_000) for _ in range(4)]  # above the threading threshold
+    src = [torch.randn(300_000) for _ in range(4)]
+    try:
+        torch.set_num_threads(1)
+        assert torch.ops.weightsync.engine_config()[0] == 1
+        ops.batched_copy_(dst, src)
+        assert all(torch.equal(d, s) for d, s in zip(dst, src))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.ops.weightsync.engine_config()[0] >= 1
+    for s in src:
+        s.add_(1)
+    ops.batched_copy_(dst, src)
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))

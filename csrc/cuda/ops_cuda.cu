@@ -529,7 +529,7 @@ class Plan {
   }
 
  private:
-  const core::CopyOptions& opts_ = core::default_copy_options();
+  const core::CopyOptions opts_ = host_copy_options();
   std::vector<core::CopySpan> host_;
   std::map<DeviceIndex, DeviceWork> devices_;
   std::map<std::pair<DeviceIndex, DeviceIndex>, PeerStaging> peers_;

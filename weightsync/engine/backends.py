@@ -138,6 +138,7 @@ def backend_info() -> dict[str, Any]:
     if status.loaded:
         threads, min_bytes, chunk = torch.ops.weightsync.engine_config()
         info["extension"]["host_copier"] = {
+            # max_threads: capped by torch.get_num_threads() at the time of the call.
             "max_threads": threads, "parallel_min_bytes": min_bytes, "chunk_bytes": chunk}
     for device_type in ("cpu", "cuda"):
         entry: dict[str, Any] = {"unavailable": {}}
