@@ -12,6 +12,8 @@ import os
 import pickle
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -144,6 +146,28 @@ def test_state_dict_strategy_returns_a_dict():
         sender.send(trainer.state_dict())
         got = sides[0].scheme.receive()
         assert isinstance(got, dict) and set(got) == set(trainer.state_dict())
+
+
+def _meta_model() -> TinyModel:
+    with torch.device("meta"):
+        return TinyModel()
+
+
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_meta_worker_model_is_materialized_by_the_first_version(mode):
+    # TorchRL's collectors send workers a stateless (meta-device) policy and leave the weights
+    # to the scheme.
+    with in_process(2, mode=mode, workers=_meta_model) as (trainer, sender, sides):
+        for side in sides:
+            assert all(t.device.type == "cpu" for t in side.model.state_dict().values())
+            assert isinstance(side.model.lin.weight, nn.Parameter)
+            assert_same_weights(side.model, trainer)
+        new = randomize(TinyModel(), 5)
+        sender.sync = False
+        sender.send(new)
+        for side in sides:
+            assert side.scheme.receive() is not None
+            assert_same_weights(side.model, new)
 
 
 def test_sync_send_returns_once_workers_applied():
@@ -494,6 +518,32 @@ def test_guard_keeps_a_forward_pass_on_one_version():
             thread.join(JOIN_TIMEOUT)
         assert mixed == 0
         assert checked > 0 and receiver.weights_version > 0
+
+
+_EXIT_WITH_RUNNING_RECEIVER = """
+import pickle
+from torch import nn
+from weightsync.schemes.shared_mem import SharedMemWeightSyncScheme
+sender = SharedMemWeightSyncScheme(background=True, timeout=5.0)
+sender.init_on_sender(model=nn.Linear(4, 3), num_workers=1)
+blob = pickle.dumps(sender)
+sender.connect()
+receiver = pickle.loads(blob)
+receiver.init_on_receiver(model_id="policy", model=nn.Linear(4, 3), worker_idx=0)
+receiver.connect(worker_idx=0)
+sender.send(nn.Linear(4, 3))
+print("sent", flush=True)
+"""
+
+
+def test_process_exits_cleanly_with_a_running_background_receiver():
+    # TorchRL's workers exit without shutting their schemes down. A daemon receiver thread
+    # that returned from its futex wait during interpreter teardown used to abort the
+    # process ("terminate called without an active exception", exit status 134).
+    done = subprocess.run([sys.executable, "-c", _EXIT_WITH_RUNNING_RECEIVER],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "sent" and "terminate" not in done.stderr
 
 
 def test_pickled_scheme_carries_no_live_state():

@@ -19,7 +19,7 @@ from weightsync.errors import (
     ShapeMismatchError,
     WeightSyncError,
 )
-from weightsync.strategy import EXTRA_STATE_KEY, UnsupportedWeightsError, WeightStrategy
+from weightsync.strategy import EXTRA_STATE_KEY, UnsupportedWeightsError, WeightStrategy, materialize_meta
 
 
 def make_net(seed: int, width: int = 8) -> nn.Module:
@@ -463,3 +463,33 @@ def test_cache_never_keeps_tensordict_roots_alive(backend):
     del dst
     gc.collect()
     assert dst_ref() is None and strategy._destinations == {}
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight  # tied
+        self.frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+        self.register_buffer("steps", torch.zeros(2, dtype=torch.int64))
+        self.register_buffer("scratch", torch.zeros(4), persistent=False)
+
+
+def test_materialize_meta_keeps_kinds_ties_and_real_tensors():
+    with torch.device("meta"):
+        model = _Tied()
+    model.extra = nn.Linear(2, 2)  # a real submodule: left alone, values kept
+    kept = model.extra.weight.detach().clone()
+    assert materialize_meta(model, "cpu") == 6  # a.weight (shared), a.bias, b.bias, frozen, 2 buffers
+    assert not any(t.is_meta for t in model.state_dict(keep_vars=True).values())
+    assert model.b.weight is model.a.weight and isinstance(model.a.weight, nn.Parameter)
+    assert model.a.weight.requires_grad and not model.frozen.requires_grad
+    assert set(dict(model.named_buffers())) == {"steps", "scratch"}
+    assert "scratch" not in model.state_dict() and model.steps.dtype == torch.int64
+    assert torch.equal(model.extra.weight.detach(), kept)
+    assert materialize_meta(model) == 0  # nothing left to do
+    source = _Tied()
+    source.extra = nn.Linear(2, 2)
+    WeightStrategy("tensordict").apply_weights(model, source)  # now an ordinary destination
+    assert torch.equal(model.b.weight.detach(), source.a.weight.detach())

@@ -765,6 +765,35 @@ def _apply_out_of_place(destination: Any, weights: Any) -> None:
         dst.extra[path].set_extra_state(_extra_from_tree(_resolve(weights, src_key)))
 
 
+def materialize_meta(module: nn.Module, device: torch.device | str | None = None) -> int:
+    """Give every meta-device parameter and buffer of ``module`` real, uninitialised storage on
+    ``device`` (CPU when None), keeping parameters as parameters (same ``requires_grad``) and
+    buffers as buffers; tensors on other devices are left alone. A tensor shared by several
+    submodules (tied weights) stays shared. Returns how many tensors were replaced.
+
+    TorchRL's multi-process collectors send workers a stateless (meta-device) copy of the
+    policy and leave it to the weight sync scheme to bring the weights; a receiver calls this
+    before taking its first version. Internal to the package.
+    """
+    target = torch.device("cpu" if device is None else device)
+    replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(old) -> (old, new): keeps ids unique
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, old in table.items():
+                if old is None or not old.is_meta:
+                    continue
+                hit = replaced.get(id(old))
+                if hit is None:
+                    new = torch.empty(old.shape, dtype=old.dtype, device=target)
+                    if isinstance(old, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=old.requires_grad)
+                    hit = replaced[id(old)] = (old, new)
+                # Direct table writes, as nn.Module._apply does: the name stays registered as
+                # a parameter or a buffer (and a non-persistent buffer stays non-persistent).
+                table[name] = hit[1]
+    return len(replaced)
+
+
 def _mapping_to_td(mapping: Mapping[Any, Any]) -> TensorDict:
     flat = _flatten_mapping(mapping, "source")
     td = TensorDict()

@@ -48,6 +48,7 @@ normalisation and version counting. Hooks (``*`` = must be implemented):
 from __future__ import annotations
 
 import abc
+import atexit
 import re
 import threading
 import warnings
@@ -74,6 +75,22 @@ __all__ = ["WeightSyncScheme", "UnknownWorkerError", "resolve_attr"]
 
 # How long shutdown() waits for the background receiver thread to notice the stop event.
 _BACKGROUND_JOIN_TIMEOUT_S = 5.0
+
+# Schemes whose background receiver runs. At interpreter exit a daemon thread that comes back
+# from native code (a futex wait) is ended by a forced unwind through C++ frames that may not
+# unwind, which aborts the process ("terminate called without an active exception"). TorchRL's
+# collector workers exit without shutting their schemes down, so the receivers are stopped
+# here, before the interpreter starts tearing down threads.
+_RUNNING_RECEIVERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_receivers_at_exit() -> None:
+    for scheme in list(_RUNNING_RECEIVERS):
+        try:
+            scheme._stop_background_receiver()
+        except Exception as exc:  # exiting anyway: say so, do not mask the exit status
+            warnings.warn(f"weightsync: at exit: {exc}", RuntimeWarning, stacklevel=1)
 _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
 _UNPICKLABLE_RUNTIME = (weakref.ReferenceType, threading.Thread, threading.Event,
                         threading.Condition, *_LOCK_TYPES)
@@ -725,6 +742,7 @@ class WeightSyncScheme(abc.ABC):
         self._background_thread = thread
         self._background_error = None
         thread.start()
+        _RUNNING_RECEIVERS.add(self)
 
     def _background_loop(self, stop: threading.Event, poll_interval: float) -> None:
         try:
@@ -755,6 +773,7 @@ class WeightSyncScheme(abc.ABC):
         thread, stop = self._background_thread, self._stop_event
         self._background_thread = None
         self._stop_event = None
+        _RUNNING_RECEIVERS.discard(self)
         if thread is None:
             return
         if stop is not None:

@@ -34,7 +34,7 @@ from torch import nn
 
 from weightsync.errors import InvalidArgumentError, PeerDiedError, SchemeStateError
 from weightsync.schemes.base import UnknownWorkerError, WeightSyncScheme, resolve_attr
-from weightsync.strategy import UncacheableTree, tree_snapshot
+from weightsync.strategy import UncacheableTree, materialize_meta, tree_snapshot
 from weightsync.transports.arena import DEFAULT_TIMEOUT, Layout
 from weightsync.transports.shared_mem import (
     MODES,
@@ -466,6 +466,10 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         transport = self.create_transport(worker_idx=worker_idx)
         model = self.model
         destination = None
+        if isinstance(model, nn.Module):
+            # A stateless (meta-device) policy, as TorchRL's collectors send to workers: the
+            # first version fills the storage given here.
+            materialize_meta(model, self._worker_devices.get(worker_idx))
         if model is not None:
             destination = named_tensors(model)
         elif self._weights is not None:
