@@ -165,6 +165,18 @@ def test_dst_aliasing_a_src(backend):
     _expect_unchanged(AliasingError, r"dst\[0\] and src\[1\] share memory", dst, src)
 
 
+def test_aliasing_through_strided_views_and_past_empty_pairs(backend):
+    # A strided source reaching into a destination, with empty pairs between: the extent of a
+    # strided view is its lowest to highest element, and empty tensors never overlap anything.
+    buf = torch.zeros(4, 6)
+    dst = [buf[:2].reshape(-1), torch.zeros(0), buf[1:, :0], torch.zeros(3)]
+    src = [torch.ones(12), torch.ones(0), torch.ones(3, 0), buf[1:, 1:3].t()[0]]
+    _expect_unchanged(AliasingError, r"dst\[0\] and src\[3\] share memory", dst, src)
+    # An empty destination inside another destination's bytes is not an overlap.
+    ops.batched_copy_([buf.view(-1), buf[0, :0]], [torch.ones(24), torch.ones(0)])
+    assert torch.equal(buf, torch.ones(4, 6))
+
+
 def test_sources_may_overlap_each_other(backend):
     buf = torch.arange(10.0)
     dst = [torch.zeros(6), torch.zeros(6)]

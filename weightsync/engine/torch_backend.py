@@ -22,11 +22,13 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
 
 def group_pairs(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> list[tuple[list, list]]:
     """Non-empty pairs grouped by (dst device, src device): one ``_foreach_copy_`` each."""
-    groups: dict[tuple[torch.device, torch.device], tuple[list, list]] = {}
+    # get_device() (-1 for the CPU, else the CUDA index) is an int read; .device builds a
+    # torch.device per tensor, which cost more than the copy on lists of small tensors.
+    groups: dict[tuple[int, int], tuple[list, list]] = {}
     for d, s in zip(dst, src):
         if d.numel() == 0:
             continue
-        ds, ss = groups.setdefault((d.device, s.device), ([], []))
+        ds, ss = groups.setdefault((d.get_device(), s.get_device()), ([], []))
         ds.append(d)
         ss.append(s)
     return list(groups.values())
