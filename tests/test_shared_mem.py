@@ -170,6 +170,23 @@ def test_meta_worker_model_is_materialized_by_the_first_version(mode):
             assert_same_weights(side.model, new)
 
 
+class _WithExtraState(TinyModel):
+    def get_extra_state(self):
+        return {"steps": 3}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_extra_state_that_shared_memory_cannot_carry_is_announced():
+    sender = SharedMemWeightSyncScheme(background=False)
+    try:
+        with pytest.warns(UserWarning, match=r"extra state \(get_extra_state\) of \[''\] is not sent"):
+            sender.init_on_sender(model=_WithExtraState(), num_workers=1)
+    finally:
+        sender.shutdown()
+
+
 def test_sync_send_returns_once_workers_applied():
     with in_process(2, background=True) as (trainer, sender, sides):
         for v in range(1, 21):

@@ -84,6 +84,12 @@ def _extra_state_modules(module: nn.Module, method: str) -> dict[Key, nn.Module]
     }
 
 
+def modules_with_extra_state(module: nn.Module) -> list[str]:
+    """Dotted names of the submodules of ``module`` that define ``get_extra_state`` ("" for
+    the module itself). Internal to the package."""
+    return [".".join(path) for path in _extra_state_modules(module, "get_extra_state")]
+
+
 def _set_extra(td: TensorDictBase, path: Key, value: Any) -> None:
     """Store ``value`` (anything get_extra_state returns) under ``path + (EXTRA_STATE_KEY,)``."""
     key = (*path, EXTRA_STATE_KEY)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -34,7 +35,12 @@ from torch import nn
 
 from weightsync.errors import InvalidArgumentError, PeerDiedError, SchemeStateError
 from weightsync.schemes.base import UnknownWorkerError, WeightSyncScheme, resolve_attr
-from weightsync.strategy import UncacheableTree, materialize_meta, tree_snapshot
+from weightsync.strategy import (
+    UncacheableTree,
+    materialize_meta,
+    modules_with_extra_state,
+    tree_snapshot,
+)
 from weightsync.transports.arena import DEFAULT_TIMEOUT, Layout
 from weightsync.transports.shared_mem import (
     MODES,
@@ -67,6 +73,11 @@ def _slot_device(source: torch.device, worker: torch.device | None) -> torch.dev
 
 class SharedMemWeightSyncScheme(WeightSyncScheme):
     """Weight synchronisation through versioned shared-memory arenas on one machine.
+
+    The arenas hold parameters and buffers (any dtype); a module's extra state
+    (``get_extra_state``) is not carried, and ``init_on_sender`` warns when the model has
+    some. Worker models on the meta device (as TorchRL's collectors create them) are given
+    storage on the worker's device at ``connect``.
 
     Args:
         strategy: ``"tensordict"`` (default) or ``"state_dict"``: the format :meth:`receive`
@@ -181,6 +192,14 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
                 named = named_of[id(src)] = named_tensors(src)
                 if not named:
                     raise InvalidArgumentError(f"init_on_sender: the weights of worker {w} hold no tensor")
+                if isinstance(src, nn.Module) and (extra := modules_with_extra_state(src)):
+                    warnings.warn(
+                        f"SharedMemWeightSyncScheme moves parameters and buffers only; the extra "
+                        f"state (get_extra_state) of {extra} is not sent to the workers. Keep "
+                        "such state in buffers, or send it with WeightStrategy / "
+                        "VanillaWeightUpdater, which carry it.",
+                        UserWarning, stacklevel=3,
+                    )
             source_device = _device_of(named)
             wdev = worker_devices.get(w)
             slot_device = _slot_device(source_device, wdev)
