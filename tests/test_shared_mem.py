@@ -457,6 +457,34 @@ def test_resending_one_tensordict_follows_its_changes(locked):
         assert side.scheme.receive() is None
 
 
+def test_resending_one_module_follows_its_changes():
+    # Same for a module: the sender reuses the copy plan of the list it read last time while
+    # the module holds the same tensors, and the plan notices reallocated storage.
+    with in_process(1) as (trainer, sender, sides):
+        sender.sync = False
+        side = sides[0]
+        source = randomize(TinyModel(), 9)
+
+        def send_and_check(version):
+            sender.send(source)
+            assert side.scheme.receive() is not None
+            assert side.scheme.weights_version == version
+            assert_same_weights(side.model, source)
+
+        send_and_check(1)
+        with torch.no_grad():
+            source.lin.weight.add_(1.0)  # in place
+        send_and_check(2)
+        source.lin.weight.data = torch.full_like(source.lin.weight, 3.0)  # new storage
+        send_and_check(3)
+        source.lin.bias = nn.Parameter(torch.full_like(source.lin.bias, -2.0))  # new object
+        send_and_check(4)
+        source.steps.data = torch.zeros(5, dtype=torch.int64)  # resized in place
+        with pytest.raises(ShapeMismatchError, match="steps"):
+            sender.send(source)
+        assert side.scheme.receive() is None and side.scheme.weights_version == 4
+
+
 def test_sync_send_times_out_naming_a_worker_that_does_not_take_it():
     with in_process(2, timeout=0.3) as (trainer, sender, sides):
         sides[0].scheme.start_background()

@@ -24,6 +24,7 @@ so an update never lands in the middle of a forward pass::
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 import warnings
 import weakref
@@ -130,7 +131,8 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         # without weights.
         self._sender: SharedMemSenderTransport | None = None
         self._sources: dict[int, Any] = {}
-        self._readers: dict[int, tuple[weakref.ReferenceType, _ModuleReader]] = {}
+        # Per layout: the module sent last, a reader of its tensors, and the list last read.
+        self._readers: dict[int, tuple[weakref.ReferenceType, _ModuleReader, list[torch.Tensor]]] = {}
         self._tree_reads: dict[int, tuple[weakref.ReferenceType, Any, list[torch.Tensor]]] = {}
         self._call_timeout: float | None = None
         # Receiver only.
@@ -423,12 +425,16 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         cached = self._readers.get(id(layout))
         if cached is None or cached[0]() is not module:
             tensors = layout.match(named_tensors(module), theirs="model to send", ours="arena")
-            self._readers[id(layout)] = (weakref.ref(module), _ModuleReader(module, layout.keys))
+            self._readers[id(layout)] = (weakref.ref(module), _ModuleReader(module, layout.keys), tensors)
             return tensors
-        tensors = cached[1].read()
+        ref, reader, last = cached
+        tensors = reader.read()
         if [t.shape for t in tensors] != layout.shapes or [t.dtype for t in tensors] != layout.dtypes:
             # The module changed under us: the full check names what differs.
             return layout.match(named_tensors(module), theirs="model to send", ours="arena")
+        if len(tensors) == len(last) and all(map(operator.is_, tensors, last)):
+            return last  # the same list object: the transport reuses its copy plan for it
+        self._readers[id(layout)] = (ref, reader, tensors)
         return tensors
 
     def _read_tree(self, tree: Any, layout: Layout) -> list[torch.Tensor]:
