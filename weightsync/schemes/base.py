@@ -91,6 +91,8 @@ def _stop_receivers_at_exit() -> None:
             scheme._stop_background_receiver()
         except Exception as exc:  # exiting anyway: say so, do not mask the exit status
             warnings.warn(f"weightsync: at exit: {exc}", RuntimeWarning, stacklevel=1)
+
+
 _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
 _UNPICKLABLE_RUNTIME = (weakref.ReferenceType, threading.Thread, threading.Event,
                         threading.Condition, *_LOCK_TYPES)
