@@ -24,7 +24,7 @@ void dispatch_batched_copy(const std::vector<at::Tensor>& dst, const std::vector
 CopyPlan::Fingerprint CopyPlan::fingerprint(const c10::TensorImpl& impl) {
   const c10::Storage& storage = impl.unsafe_storage();
   return {storage ? storage.unsafeGetStorageImpl()->data() : nullptr, impl.storage_offset(),
-          impl.numel(), impl.itemsize(), impl.is_contiguous()};
+          impl.numel(), impl.dim(), impl.dtype(), impl.is_contiguous()};
 }
 
 namespace {

@@ -37,11 +37,18 @@ class CopyPlan : public torch::CustomClassHolder {
   // What a reallocation changes: `param.data = x` and resize_ swap the storage or its
   // allocation under the same TensorImpl. Read through the impl without the checks of
   // data_ptr() (which also materialises copy-on-write storage): this runs every sync.
+  //
+  // Also the dtype and the number of dimensions, which sit on cache lines the check reads
+  // anyway: `param.data = param.view(torch.int32)` or `.view(-1)` then rebuilds, and the
+  // rebuild's validation names the mismatch. Not seen: a reshape that keeps the rank, the
+  // element count, the storage and contiguity ([3, 4] -> [4, 3]); the bytes copied are the same
+  // and memory-safe, but no shape error is raised (the sizes live on another cache line).
   struct Fingerprint {
     const void* storage_data;
     std::int64_t storage_offset;
     std::int64_t numel;
-    std::size_t itemsize;
+    std::int64_t dim;
+    caffe2::TypeMeta dtype;
     bool contiguous;
     bool operator==(const Fingerprint&) const = default;
   };

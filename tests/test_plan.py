@@ -109,3 +109,24 @@ def test_plan_notices_reallocation_of_any_tensor_in_a_long_list(backend):
         plan.run()
         assert plan.is_valid()
         assert all(torch.equal(d, s) for d, s in zip(dst, src))
+
+
+@pytest.mark.parametrize(
+    "review, error, message",
+    [
+        (lambda t: t.view(torch.int32), DTypeMismatchError, r"index 1: dst dtype int32 != src dtype float32"),
+        (lambda t: t.view(-1), ShapeMismatchError, r"index 1: dst shape \[6\] != src shape \[2, 3\]"),
+    ],
+    ids=["dtype-view", "flattened"],
+)
+def test_plan_notices_a_re_view_of_the_same_storage(backend, review, error, message):
+    # Same storage, offset and byte count: only the dtype or the rank changed. The plan must
+    # re-validate (and refuse) instead of copying on as before.
+    dst, src = make_pairs(3)
+    plan = CopyPlan(dst, src)
+    plan.run()
+    dst[1].data = review(dst[1].data)
+    before = [d.clone() for d in dst]
+    with pytest.raises(error, match=message):
+        plan.run()
+    assert all(torch.equal(d, b) for d, b in zip(dst, before))

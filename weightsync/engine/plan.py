@@ -32,8 +32,11 @@ class _PythonPlan:
         self._build()
         self.rebuilds = 0
 
-    def _fingerprint(self) -> list[tuple[int, int]]:
-        return [(t.data_ptr(), nbytes_of(t)) for t in (*self._dst, *self._src)]
+    def _fingerprint(self) -> list[tuple[int, int, torch.dtype, torch.Size]]:
+        # Storage, size, dtype and shape: what a reallocation or a re-view changes. The grouped
+        # foreach copies values with torch's semantics, so a changed dtype or shape must send
+        # the plan back through validation rather than into a partial copy.
+        return [(t.data_ptr(), nbytes_of(t), t.dtype, t.shape) for t in (*self._dst, *self._src)]
 
     def _build(self) -> None:
         check_copy_lists("CopyPlan", self._dst, self._src)
