@@ -113,11 +113,12 @@ bool CopyPlan::is_valid_range(std::size_t begin, std::size_t end) const {
   return true;
 }
 
-bool CopyPlan::is_valid() const {
+bool CopyPlan::is_valid() const { return fingerprints_match(host_copy_options()); }
+
+bool CopyPlan::fingerprints_match(const core::CopyOptions& opts) const {
   // Long lists share the check with the copier's helper threads when the copy will use them
   // anyway (the check reads a few scattered cache lines per tensor: about a fifth of a
   // 1000-tensor run on one thread).
-  const core::CopyOptions opts = host_copy_options();
   const bool parallel = host_only_ && impls_.size() >= kParallelCheckMin &&
                         nbytes_ >= opts.parallel_min_bytes;
   return core::all_of(
@@ -132,12 +133,13 @@ void CopyPlan::run(bool non_blocking) {
   // Weight copies are never part of a graph; this also lets parameters that require grad
   // be written outside torch.no_grad().
   c10::AutoGradMode no_grad(false);
-  if (!is_valid()) rebuild();
+  const core::CopyOptions opts = host_copy_options();  // one read of torch's thread count
+  if (!fingerprints_match(opts)) rebuild();
   if (!host_only_) {
     dispatch_batched_copy(dst_, src_, non_blocking);
     return;
   }
-  core::copy_spans(spans_, host_copy_options());
+  core::copy_spans(spans_, opts);
   for (std::size_t i : strided_) dst_[i].copy_(src_[i]);
 }
 

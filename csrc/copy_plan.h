@@ -34,6 +34,8 @@ class CopyPlan : public torch::CustomClassHolder {
   std::int64_t address() const { return reinterpret_cast<std::int64_t>(this); }
 
  private:
+  // is_valid() with the copier options of this call (run() reads them once for both uses).
+  bool fingerprints_match(const core::CopyOptions& opts) const;
   // What a reallocation changes: `param.data = x` and resize_ swap the storage or its
   // allocation under the same TensorImpl. Read through the impl without the checks of
   // data_ptr() (which also materialises copy-on-write storage): this runs every sync.

@@ -92,7 +92,13 @@ def modules_with_extra_state(module: nn.Module) -> list[str]:
 
 def _set_extra(td: TensorDictBase, path: Key, value: Any) -> None:
     """Store ``value`` (anything get_extra_state returns) under ``path + (EXTRA_STATE_KEY,)``."""
-    key = (*path, EXTRA_STATE_KEY)
+    _set_value(td, (*path, EXTRA_STATE_KEY), value)
+
+
+def _set_value(td: TensorDictBase, key: Any, value: Any) -> None:
+    # Tensors as tensors, string-keyed mappings as sub-TensorDicts, anything else as
+    # non-tensor data (not converted to a tensor as TensorDict(dict) would), so an int stays
+    # an int through extract -> apply.
     if isinstance(value, torch.Tensor):
         td.set(key, value)
     elif isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
@@ -102,16 +108,9 @@ def _set_extra(td: TensorDictBase, path: Key, value: Any) -> None:
 
 
 def _dict_to_td(value: Mapping[str, Any]) -> TensorDict:
-    # Non-tensors are stored as non-tensor data (not converted to tensors as TensorDict(dict)
-    # would), so an int stays an int through extract -> apply.
     td = TensorDict()
     for k, v in value.items():
-        if isinstance(v, torch.Tensor):
-            td.set(k, v)
-        elif isinstance(v, Mapping) and all(isinstance(kk, str) for kk in v):
-            td.set(k, _dict_to_td(v))
-        else:
-            td.set_non_tensor(k, v)
+        _set_value(td, k, v)
     return td
 
 
