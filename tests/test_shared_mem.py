@@ -531,6 +531,69 @@ def test_guard_holds_off_a_background_update():
         assert_same_weights(model, new)
 
 
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_entering_the_guard_applies_a_version_already_on_offer(mode):
+    # No background thread and no receive(): entering the guard alone takes the offer, so a
+    # forward pass started after a publish runs on it.
+    with in_process(1, sync=False, mode=mode) as (trainer, sender, sides):
+        receiver, model = sides[0].scheme, sides[0].model
+        applied = []
+        receiver._after_receive = applied.append  # what a TorchRL context would be told
+        with receiver.guard():
+            assert receiver.weights_version == 0 and applied == []
+            assert_same_weights(model, trainer)
+        new = randomize(TinyModel(), 61)
+        sender.send(new)
+        with receiver.guard():
+            assert receiver.weights_version == 1
+            assert_same_weights(model, new)
+            with receiver.guard():  # re-entrant; nothing newer on offer
+                assert receiver.weights_version == 1
+        assert len(applied) == 1 and receiver.receive() is None
+        sender.send(randomize(TinyModel(), 62))
+        sender.shutdown()
+        # The sender is gone: the guard still takes what was published and never raises.
+        with receiver.guard():
+            assert receiver.weights_version == 2
+        with receiver.guard():
+            assert receiver.weights_version == 2
+        with pytest.raises(PeerDiedError):
+            receiver.receive(timeout=0.05)
+
+
+def test_sync_sends_reach_a_worker_that_holds_the_guard_nearly_always():
+    # The worker's main thread re-enters the guard as soon as it leaves it: its background
+    # thread would queue for the lock behind it (and the sender time out); guard() entry
+    # takes the update instead.
+    with in_process(1, background=True, sync=True, timeout=5.0) as (trainer, sender, sides):
+        receiver, model = sides[0].scheme, sides[0].model
+        stop = threading.Event()
+        seen = []
+
+        def busy_worker():
+            while not stop.is_set():
+                with receiver.guard():
+                    seen.append(receiver.weights_version)
+                    deadline = time.perf_counter() + 0.002  # a "forward pass", GIL held
+                    while time.perf_counter() < deadline:
+                        pass
+
+        thread = threading.Thread(target=busy_worker)
+        thread.start()
+        try:
+            t0 = time.monotonic()
+            for v in range(1, 31):
+                sender.send(randomize(TinyModel(), 200 + v))
+                assert receiver.weights_version == v
+            elapsed = time.monotonic() - t0
+        finally:
+            stop.set()
+            thread.join(JOIN_TIMEOUT)
+        assert_same_weights(model, randomize(TinyModel(), 230))
+        assert seen == sorted(seen) and seen[-1] == 30
+        assert elapsed < 3.0, f"30 sync sends took {elapsed:.2f} s"
+
+
 def test_guard_keeps_a_forward_pass_on_one_version():
     with in_process(1, background=True, sync=False, mode="view") as (trainer, sender, sides):
         receiver, model = sides[0].scheme, sides[0].model

@@ -662,6 +662,10 @@ class WeightSyncScheme(abc.ABC):
         weights = self._receive_impl(timeout)
         if weights is None:
             return None
+        return self._received(weights)
+
+    def _received(self, weights: Any) -> Any:
+        """Count a version applied on this receiver and tell the context; returns ``weights``."""
         self._version += 1
         self._after_receive(weights)
         return weights

@@ -19,6 +19,10 @@ so an update never lands in the middle of a forward pass::
 
     with scheme.guard():
         action = policy(obs)
+
+Entering the guard also applies a version already on offer, so each forward pass starts on the
+newest published weights, and a worker that is inside the guard almost all the time still
+takes updates at once (its background thread would otherwise queue for the lock).
 """
 
 from __future__ import annotations
@@ -573,11 +577,35 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
     def guard(self) -> Iterator[None]:
         """Hold off updates for the duration of the block (e.g. one forward pass).
 
-        An update that arrives meanwhile is applied right after the block (by the background
-        thread, or by the next :meth:`receive`). Re-entrant.
+        Entering the block first applies a version already on offer (never waiting), so the
+        block runs on the newest published weights, and a worker that holds the guard nearly
+        all the time still takes every update promptly: the background thread alone would
+        queue for the lock behind it. An update that arrives during the block is applied
+        right after it (by the background thread, the next :meth:`receive`, or the next
+        ``guard()``). Re-entrant.
         """
         with self._guard:
+            self._take_offered()
             yield
+
+    def _take_offered(self) -> None:
+        """Apply the version on offer if it is newer than ours; never waits or raises for a
+        missing sender (the background thread or :meth:`receive` report that)."""
+        transport = self._receiver_transport
+        if transport is None or transport.arena is None:
+            return
+        try:
+            taken = transport.poll()
+        except PeerDiedError:  # the sender died while writing the offered slot
+            return
+        if taken:
+            self._weights_version = transport.version - 1
+            self._received(self._applied)
+
+    def _received(self, weights: Any) -> Any:
+        # Under the guard: the background thread and a thread entering guard() both count.
+        with self._guard:
+            return super()._received(weights)
 
     def start_background(self) -> None:
         """Start applying updates from a background thread (when built with ``background=False``)."""
