@@ -34,6 +34,21 @@ def test_opcheck(native, op, args):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        ("futex_wait", lambda: (torch.zeros(1, dtype=torch.int32), 1, 0.0)),
+        ("futex_wake", lambda: (torch.zeros(1, dtype=torch.int32), 1)),
+    ],
+)
+def test_opcheck_synchronisation_ops(native, op, args):
+    # Schema (no undeclared mutation) and autograd registration. They have no fake kernel on
+    # purpose: a wait or a wake is a side effect at run time that no graph should capture.
+    result = torch.library.opcheck(getattr(torch.ops.weightsync, op).default, args(),
+                                   test_utils=("test_schema", "test_autograd_registration"))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
 def test_torch_compile_fullgraph(native):
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(dst, src):
@@ -44,6 +59,23 @@ def test_torch_compile_fullgraph(native):
     src = [torch.arange(4.0), torch.randn(3, 3)]
     out = step(dst, src)
     assert torch.equal(dst[0], src[0]) and torch.equal(dst[1], src[1])
+    assert torch.equal(out, src[0] * 2)
+
+
+def test_torch_compile_fullgraph_through_the_public_ops(native):
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(dst, src, flat):
+        ops.batched_copy_(dst, src)
+        ops.pack_(src, flat, [0, 64])
+        ops.unpack_(flat, [dst[1], dst[0]], [64, 0])
+        return dst[0] * 2
+
+    dst = [torch.zeros(4), torch.zeros(3, 3)]
+    src = [torch.arange(4.0), torch.randn(3, 3)]
+    flat = torch.zeros(128, dtype=torch.uint8)
+    out = step(dst, src, flat)
+    assert torch.equal(dst[0], src[0]) and torch.equal(dst[1], src[1])
+    assert torch.equal(flat[:16].view(torch.float32), src[0])
     assert torch.equal(out, src[0] * 2)
 
 

@@ -190,12 +190,23 @@ def test_dst_with_internal_overlap(backend):
                       dst, [torch.ones(3), torch.arange(4.0)])
 
 
-def test_unsupported_device_torch_backend(monkeypatch):
-    monkeypatch.setenv("WEIGHTSYNC_BACKEND", "torch")
+def test_unsupported_device(backend):
+    # A meta argument makes the dispatcher pick the Meta kernel over the CPU one: the native
+    # path must still refuse it (meta tensors hold no bytes) rather than copy nothing.
     dst = [torch.zeros(2), torch.empty(2, device="meta")]
     with pytest.raises(DeviceMismatchError, match=r"index 1: only CPU and CUDA"):
         ops.batched_copy_(dst, [torch.ones(2), torch.empty(2, device="meta")])
     assert torch.equal(dst[0], torch.zeros(2))
+    with pytest.raises(DeviceMismatchError, match=r"index 0: only CPU and CUDA"):
+        ops.batched_copy_([torch.empty(2, device="meta")], [torch.empty(2, device="meta")])
+    flat = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(DeviceMismatchError, match=r"pack_: index 1: tensor on meta"):
+        ops.pack_([torch.ones(2), torch.empty(2, device="meta")], flat, [0, 8])
+    with pytest.raises(DeviceMismatchError, match=r"unpack_: index 0: tensor on meta"):
+        ops.unpack_(flat, [torch.empty(2, device="meta")], [0])
+    with pytest.raises(DeviceMismatchError, match=r"flat on meta"):
+        ops.unpack_(torch.zeros(16, dtype=torch.uint8, device="meta"), [torch.zeros(2)], [0])
+    assert torch.equal(flat, torch.zeros(16, dtype=torch.uint8))
 
 
 def test_errors_share_one_base(backend):

@@ -137,6 +137,15 @@ def test_pin_and_unpin_shared_buffer(native):
         ops.unpin_memory_(buf)
 
 
+def test_opcheck_host_register(native):
+    # The schema check runs the op once (a buffer can be registered only once at a time);
+    # autograd registration is vacuous for a uint8 buffer.
+    buf = torch.zeros(1 << 16, dtype=torch.uint8)
+    for op in (torch.ops.weightsync.host_register.default, torch.ops.weightsync.host_unregister.default):
+        result = torch.library.opcheck(op, (buf,), test_utils=("test_schema",))
+        assert all(v == "SUCCESS" for v in result.values()), result
+
+
 def test_one_launch_for_many_tensors(native):
     src = [torch.randn(100, device="cuda") for _ in range(1000)]
     dst = [torch.empty_like(s) for s in src]

@@ -113,13 +113,32 @@ def _register_fakes() -> None:
     """Shape-only implementations so torch.compile can trace the in-place ops.
 
     They return nothing and mutate nothing: the ops' outputs are their mutated arguments,
-    which the schema's alias annotations already describe.
+    which the schema's alias annotations already describe. The dispatcher also sends real
+    meta-device tensors here (a meta argument picks the Meta kernel over the CPU one): those
+    hold no bytes, so such a call gets the same device error as the other backends instead of
+    silently copying nothing.
     """
-    def no_output(*args: Any, **kwargs: Any) -> None:
-        return None
+    from weightsync.engine.validate import check_copy_lists, check_pack_lists
 
-    for op in ("batched_copy_", "pack_", "unpack_"):
-        torch.library.register_fake(f"weightsync::{op}")(no_output)
+    def real_meta(tensors: Any) -> bool:
+        from torch._subclasses.fake_tensor import is_fake
+
+        return any(isinstance(t, torch.Tensor) and t.is_meta and not is_fake(t) for t in tensors)
+
+    def batched_copy(dst: Any, src: Any, non_blocking: bool = False) -> None:
+        if real_meta((*dst, *src)):
+            check_copy_lists("batched_copy_", dst, src)
+
+    def pack(src: Any, flat: Any, offsets: Any, non_blocking: bool = False) -> None:
+        if real_meta((*src, flat)):
+            check_pack_lists("pack_", src, flat, offsets, tensors_are_written=False)
+
+    def unpack(flat: Any, dst: Any, offsets: Any, non_blocking: bool = False) -> None:
+        if real_meta((*dst, flat)):
+            check_pack_lists("unpack_", dst, flat, offsets, tensors_are_written=True)
+
+    for op, fake in (("batched_copy_", batched_copy), ("pack_", pack), ("unpack_", unpack)):
+        torch.library.register_fake(f"weightsync::{op}")(fake)
 
 
 def load() -> ExtensionStatus:

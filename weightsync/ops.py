@@ -10,6 +10,7 @@ take a slower per-tensor path; contiguous ones move in one call or one launch).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,16 @@ from weightsync.engine.validate import translate_native_error
 from weightsync.errors import BackendUnavailableError, InvalidArgumentError
 
 __all__ = ["batched_copy_", "pack_", "unpack_", "pin_memory_", "unpin_memory_"]
+
+
+def _traced_natively() -> bool:
+    """Under torch.compile with the library loaded: call the op itself, which the compiler
+    traces through its registered fake (the backend choice takes a lock, which it cannot).
+    The kernel still validates everything when the compiled code runs."""
+    if not torch.compiler.is_compiling():
+        return False
+    status = _extension._status
+    return status is not None and status.loaded and os.environ.get("WEIGHTSYNC_BACKEND", "") in ("", "native")
 
 
 def batched_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
@@ -39,6 +50,9 @@ def batched_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
     """
     if len(dst) == 0 and len(src) == 0:
         return  # nothing to copy, and no tensor the dispatcher could pick a kernel from
+    if _traced_natively():
+        torch.ops.weightsync.batched_copy_(dst, src, non_blocking)
+        return
     backend_for((*dst, *src)).batched_copy_(dst, src, non_blocking)
 
 
@@ -50,12 +64,18 @@ def pack_(src: Sequence[torch.Tensor], flat: torch.Tensor, offsets: Sequence[int
     (256-byte aligned ones are fastest). Errors as :func:`batched_copy_`, plus
     InvalidArgumentError for a bad ``flat`` or an offset out of bounds.
     """
+    if _traced_natively():
+        torch.ops.weightsync.pack_(src, flat, offsets, non_blocking)
+        return
     backend_for((*src, flat)).pack_(src, flat, offsets, non_blocking)
 
 
 def unpack_(flat: torch.Tensor, dst: Sequence[torch.Tensor], offsets: Sequence[int],
             non_blocking: bool = False) -> None:
     """Inverse of :func:`pack_`: fill ``dst[i]`` from ``flat[offsets[i]:]``."""
+    if _traced_natively():
+        torch.ops.weightsync.unpack_(flat, dst, offsets, non_blocking)
+        return
     backend_for((*dst, flat)).unpack_(flat, dst, offsets, non_blocking)
 
 
