@@ -149,8 +149,10 @@ def test_join_is_exclusive_and_bounded(arena, workers):
     try:
         with pytest.raises(SchemeStateError, match="worker 1 of arena .* is already connected"):
             other.join(1)
-        with pytest.raises(SchemeStateError, match=r"worker 2 is not a worker of arena .* \(workers 0..1\)"):
+        with pytest.raises(SchemeStateError, match=r"worker 2 \(index 2\) is not a worker of arena .* \(indices 0..1\)"):
             other.join(2)
+        with pytest.raises(SchemeStateError, match="worker 7 of arena .* is already connected"):
+            other.join(1, worker_id=7)  # messages use the scheme's id
         workers[1].close()
         other.join(1)  # the id is free again once its holder is gone
     finally:

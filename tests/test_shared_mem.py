@@ -7,6 +7,7 @@ process tests spawn real workers. GPU tests are marked and skip without CUDA.
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing as mp
 import os
 import pickle
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,6 +279,82 @@ def test_subset_updates_leave_the_others_alone(mode):
         assert sender.acked_versions() == {0: 2, 1: 1, 2: 2}
 
 
+def test_sync_subset_sends_with_the_default_slots():
+    # Copy mode with sync uses 3 slots. An offer a worker already took does not hold its
+    # slot: alternating subsets must never run out (it used to after three sends).
+    with in_process(3, background=True) as (trainer, sender, sides):
+        assert sender.slots is None
+        for v, ids in enumerate([[0], [1], [0], [2], [1], [0, 2], [2], [1], [0]] * 3, start=1):
+            new = randomize(TinyModel(), 300 + v)
+            sender.send(new, worker_ids=ids)
+            for w in ids:
+                assert_same_weights(sides[w].model, new)
+                assert sides[w].scheme.weights_version == v
+
+
+def test_lagging_view_workers_behind_subset_sends():
+    # Each lagging view-mode worker holds the slot it views plus its own untaken offer.
+    # With workers + 2 slots that can exhaust the arena: the error names who holds what.
+    def lag(sender, sides):
+        for w in range(3):
+            sender.send(randomize(TinyModel(), 400 + w), worker_ids=[w])
+            assert sides[w].scheme.receive() is not None
+        sender.send(randomize(TinyModel(), 410), worker_ids=[0])  # not taken
+        sender.send(randomize(TinyModel(), 411), worker_ids=[1])  # not taken
+        last = randomize(TinyModel(), 412)
+        sender.send(last, worker_ids=[2])
+        return last
+
+    with in_process(3, mode="view", sync=False, timeout=0.3) as (trainer, sender, sides):
+        with pytest.raises(WeightSyncTimeout, match=r"no free slot among 5 .* not yet taken by workers \{0: \d, 1: \d\}, slots viewed by workers \{0: \d, 1: \d, 2: \d\}") as info:
+            lag(sender, sides)
+        assert sorted(info.value.workers) == [0, 1, 2]
+    with in_process(3, mode="view", sync=False, slots=7) as (trainer, sender, sides):
+        last = lag(sender, sides)
+        assert sides[2].scheme.receive() is not None
+        assert_same_weights(sides[2].model, last)
+        for w, seed in ((0, 410), (1, 411)):
+            assert sides[w].scheme.receive() is not None
+            assert_same_weights(sides[w].model, randomize(TinyModel(), seed))
+
+
+def fcntl_lock(arena, slot: int) -> int:
+    """A reader's lock on ``slot`` from a file description of our own (close it to drop it)."""
+    from weightsync.transports.arena import _lock
+
+    fd = os.open(arena.segment.path, os.O_RDWR | os.O_CLOEXEC)
+    assert _lock(fd, slot, fcntl.F_RDLCK)
+    return fd
+
+
+def test_a_version_reaches_every_arena_or_none():
+    # Two arenas (per-worker weights). When the second has no free slot, the first must not
+    # have published: the workers never disagree on what was sent, and nothing is counted.
+    with in_process(2, per_worker_weights=True, sync=False, mode="view", timeout=0.3) as (trainer, sender, sides):
+        for v in range(1, 4):
+            sender.send({0: randomize(TinyModel(), v), 1: randomize(TinyModel(), v)})
+            for side in sides:
+                side.scheme.receive()
+        arenas = sender._sender._arenas
+        held = []
+        try:
+            for slot in range(arenas[1].arena.nslots):  # every slot of worker 1's arena busy
+                held.append(fcntl_lock(arenas[1].arena, slot))
+            with pytest.raises(WeightSyncTimeout, match="no free slot"):
+                sender.send({0: randomize(TinyModel(), 9), 1: randomize(TinyModel(), 9)})
+        finally:
+            for fd in held:
+                os.close(fd)
+        assert sender.weights_version == 3
+        assert [side.scheme.receive() for side in sides] == [None, None]
+        new = randomize(TinyModel(), 10)
+        sender.send({0: new, 1: new})
+        for side in sides:
+            assert side.scheme.receive() is not None
+            assert side.scheme.weights_version == 4
+            assert_same_weights(side.model, new)
+
+
 def test_per_worker_weights():
     with in_process(2, per_worker_weights=True, sync=False) as (trainer, sender, sides):
         assert len(sender.segment_names()) == 2
@@ -403,6 +481,28 @@ def test_mismatched_worker_model_fails_at_connect_and_nothing_is_applied(factory
         assert_same_weights(model, before)
         assert not receiver.synchronized_on_receiver
         assert sender.workers_alive() == {0: False}
+        receiver.shutdown()
+    finally:
+        sender.shutdown()
+
+
+def test_meta_worker_model_with_another_shape_stays_meta():
+    # The layout is checked on the meta tensors before they get storage: a mismatch leaves
+    # the model exactly as it was.
+    trainer = randomize(TinyModel(), 42)
+    sender = SharedMemWeightSyncScheme(background=False, timeout=2.0)
+    try:
+        sender.init_on_sender(model=trainer, num_workers=1)
+        receiver = pickle.loads(pickle.dumps(sender))
+        sender.connect()
+        with torch.device("meta"):
+            model = TinyModel(width=5)
+        params = dict(model.named_parameters())
+        receiver.init_on_receiver(model_id="policy", model=model, worker_idx=0)
+        with pytest.raises(ShapeMismatchError, match="key 'lin.weight'"):
+            receiver.connect(worker_idx=0)
+        assert all(t.is_meta for t in model.state_dict().values())
+        assert all(p is params[n] for n, p in model.named_parameters())
         receiver.shutdown()
     finally:
         sender.shutdown()
@@ -774,6 +874,33 @@ def test_processes_hammer_never_see_a_mixed_version():
     finally:
         for s in schemes:
             s.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_processes_hammer_a_megabyte_model_with_async_sends(mode):
+    """The same check on a 0.9 MB model (the bench's mlp-small), sends not waiting for the
+    workers: copies long enough for a write racing a read to show up as a mixed version."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from weight_sets import make_module
+
+    n_updates = 2_000
+    model = make_module("mlp-small", seed=0)
+    scheme = SharedMemWeightSyncScheme(mode=mode, sync=False, background=False, timeout=10.0)
+    scheme.init_on_sender(model=model, num_workers=2)
+    try:
+        with spawned(scheme, 2, "hammer", {"last": n_updates}, model="set:mlp-small") as (procs, conns):
+            scheme.connect()
+            for c in conns:
+                _recv(c, "connected")
+            for v in range(1, n_updates + 1):
+                fill_version(model, v)
+                scheme.send(model)
+            for c in conns:
+                _, takes, mixed, last = _recv(c, "hammered")
+                assert last == n_updates and mixed == 0 and takes > 0, (takes, mixed)
+                c.send("next")
+    finally:
+        scheme.shutdown()
 
 
 def test_killed_sender_is_reported_by_receive_and_leaves_no_segment():

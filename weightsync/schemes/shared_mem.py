@@ -95,7 +95,9 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             their tensors become views into the shared slot, re-pointed at each version, so no
             byte moves on the worker; the tensors must not be written by the worker).
         slots: slots per arena. Default: 3 in copy mode with ``sync``, workers + 2 otherwise
-            (enough that a slow worker never makes ``send`` wait for a free slot).
+            (enough that a slow worker never makes ``send`` wait for a free slot while sends
+            go to every worker; view-mode workers that lag behind sends to subsets of them
+            can need up to 2 x workers + 1).
         timeout: bound in seconds on every wait (acks, a free slot, the first weights at
             connect). Default 10.
         background: on workers, apply updates from a background thread as they arrive, like
@@ -495,16 +497,24 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         transport = self.create_transport(worker_idx=worker_idx)
         model = self.model
         destination = None
-        if isinstance(model, nn.Module):
-            # A stateless (meta-device) policy, as TorchRL's collectors send to workers: the
-            # first version fills the storage given here.
-            materialize_meta(model, self._worker_devices.get(worker_idx))
+        materialize = None
         if model is not None:
             destination = named_tensors(model)
         elif self._weights is not None:
             destination = named_tensors(self._weights)
+        if isinstance(model, nn.Module) and any(t.is_meta for t in destination.values()):
+            # A stateless (meta-device) policy, as TorchRL's collectors send to workers: it
+            # gets storage once its layout matched the sender's (a mismatch leaves it as it
+            # was), and the first version fills that storage.
+            device = self._worker_devices.get(worker_idx)
+
+            def materialize() -> dict[str, torch.Tensor]:
+                materialize_meta(model, device)
+                return named_tensors(model)
+
         transport.lock = self._guard
-        transport.connect(destination, device=self._worker_devices.get(worker_idx), timeout=self.timeout)
+        transport.connect(destination, device=self._worker_devices.get(worker_idx),
+                          timeout=self.timeout, materialize=materialize)
         self._receiver_transport = transport
         self._applied = self._weights_view(transport)
         self._weights_version = transport.version - 1

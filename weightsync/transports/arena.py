@@ -500,17 +500,20 @@ class Arena:
 
     # -- sender side -------------------------------------------------------------------------
 
-    def _offered_slots(self, skip_dead: bool) -> set[int]:
-        busy = set()
+    def _pending_offers(self, skip_dead: bool) -> dict[int, int]:
+        """Worker -> slot of every offer not taken yet: those slots must keep their version."""
+        pending = {}
         for w in range(self.nworkers):
             version, slot = self.offer(w)
-            if version <= 0:
+            # Taken (acked): the worker never opens an offer it holds. A slot it still reads
+            # or views is protected by its lock on the slot, tried in acquire_slot.
+            if version <= 0 or self.acked(w) >= version:
                 continue
             # A worker that connected and died will never take its offer: its slot is free.
             if skip_dead and self.worker_joined(w) and not self.worker_alive(w):
                 continue
-            busy.add(slot)
-        return busy
+            pending[w] = slot
+        return pending
 
     def acquire_slot(self, timeout: float) -> int:
         """Lock a slot for writing: not locked by a worker, not offered to a live worker.
@@ -521,7 +524,7 @@ class Arena:
             WeightSyncTimeout: every slot stayed busy for ``timeout`` seconds; names the workers
                 that hold them.
         """
-        busy = self._offered_slots(skip_dead=False)
+        busy = set(self._pending_offers(skip_dead=False).values())
         deadline = None
         pause = 1e-5
         while True:
@@ -539,14 +542,17 @@ class Arena:
             now = time.monotonic()
             if deadline is None:
                 deadline = now + timeout
-                busy = self._offered_slots(skip_dead=True)
+                busy = set(self._pending_offers(skip_dead=True).values())
             elif now >= deadline:
-                holders = [w for w in range(self.nworkers) if self.mapped_slot(w) >= 0]
+                pending = self._pending_offers(skip_dead=True)
+                viewing = {w: self.mapped_slot(w) for w in range(self.nworkers) if self.mapped_slot(w) >= 0}
+                holders = sorted(set(pending) | set(viewing))
                 ids = self.worker_ids
                 raise WeightSyncTimeout(
                     f"arena {self.name}: no free slot among {self.nslots} for {timeout:.3g} s; "
-                    f"slots on offer {sorted(busy)}, slots viewed by workers "
-                    f"{ {ids[w]: self.mapped_slot(w) for w in holders} }; use more slots",
+                    f"slots offered and not yet taken by workers "
+                    f"{ {ids[w]: s for w, s in pending.items()} }, slots viewed by workers "
+                    f"{ {ids[w]: s for w, s in viewing.items()} }; use more slots",
                     workers=[ids[w] for w in holders],
                     alive={ids[w]: self.worker_alive(w) for w in holders},
                 )
@@ -647,21 +653,27 @@ class Arena:
 
     # -- worker side -------------------------------------------------------------------------
 
-    def join(self, worker: int) -> None:
+    def join(self, worker: int, worker_id: int | None = None) -> None:
         """Claim worker slot ``worker``: take its presence lock and record our pid.
+
+        ``worker_id`` is how messages name this worker (the scheme's id; ``worker`` is the
+        index within this arena).
 
         Raises:
             SchemeStateError: the id is out of range or another live process holds it.
         """
+        name = worker if worker_id is None else worker_id
         if not 0 <= worker < self.nworkers:
             raise SchemeStateError(
-                f"worker {worker} is not a worker of arena {self.name} (workers 0..{self.nworkers - 1})"
+                f"worker {name} (index {worker}) is not a worker of arena {self.name} "
+                f"(indices 0..{self.nworkers - 1})"
             )
         if not _lock(self.segment.fd, _LOCK_WORKER + worker, fcntl.F_WRLCK):
             raise SchemeStateError(
-                f"worker {worker} of arena {self.name} is already connected "
+                f"worker {name} of arena {self.name} is already connected "
                 f"(pid {self.worker_pid(worker)})"
             )
+        self.worker_ids[worker] = name
         base = self._wrec(worker)
         self._q[(base + _W_PID) // 8] = os.getpid()
         self._q[(base + _W_MAPPED) // 8] = -1
@@ -726,9 +738,9 @@ class Arena:
                 deadline = now + timeout
             elif now > deadline:
                 raise WeightSyncTimeout(
-                    f"arena {self.name}: worker {w} could not lock offered version {version} "
-                    f"in slot {slot} for {timeout:.3g} s",
-                    workers=[w],
+                    f"arena {self.name}: worker {self.worker_ids[w]} could not lock offered "
+                    f"version {version} in slot {slot} for {timeout:.3g} s",
+                    workers=[self.worker_ids[w]],
                 )
             if not self.sender_alive() and self.offer(w) == (version, slot):
                 raise PeerDiedError(self._sender_gone_message() + f" while writing slot {slot}")

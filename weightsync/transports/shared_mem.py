@@ -340,8 +340,11 @@ class SharedMemSenderTransport:
             define the layout; ``slot device`` is ``cpu`` (host arena) or the CUDA device of a
             device arena for workers on the sender's GPU.
         mode: ``"copy"`` or ``"view"``.
-        slots: slots per arena; default workers + 2 (a free slot always exists, however slow
-            the workers).
+        slots: slots per arena; default workers + 2. Each worker holds at most one slot (the
+            one it views, or reads during a copy) and all workers can have one offer not yet
+            taken, so with sends to every worker a free slot always exists, however slow the
+            workers. Sends to subsets can leave each lagging worker with a different offer:
+            view-mode workers that lag behind subset sends can then need 2 x workers + 1.
         pin: page-lock host arenas (a GPU is on either end).
         sync: default of :meth:`send_weights`.
         timeout: default bound on every wait.
@@ -435,17 +438,24 @@ class SharedMemSenderTransport:
         for sa, ws in grouped.values():
             plan.append((sa, ws, weights(sa.layout, ws)))
         with self._lock:
+            deadline = time.monotonic() + timeout
+            # Every arena's slot is written before any is published: a version reaches all
+            # the targeted workers or none (no free slot in one arena publishes nothing).
+            written: list[tuple[_SenderArena, int]] = []
+            try:
+                for sa, ws, src in plan:
+                    slot = sa.arena.acquire_slot(max(0.0, deadline - time.monotonic()))
+                    written.append((sa, slot))
+                    sa.write(slot, src)
+            except BaseException:
+                for sa, slot in written:
+                    sa.arena.abort_slot(slot)
+                raise
             self.version += 1
             version = self.version
-            deadline = time.monotonic() + timeout
-            for sa, ws, src in plan:
-                slot = sa.arena.acquire_slot(max(0.0, deadline - time.monotonic()))
-                try:
-                    sa.write(slot, src)
-                except BaseException:
-                    sa.arena.abort_slot(slot)
-                    raise
+            for sa, slot in written:
                 sa.arena.commit_slot(slot, version)
+            for (sa, slot), (_, ws, _) in zip(written, plan):
                 sa.arena.publish(slot, version, [sa.local[w] for w in ws])
             if sync:
                 for sa, ws, _ in plan:
@@ -537,6 +547,7 @@ class SharedMemReceiverTransport:
         *,
         device: torch.device | str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        materialize: Callable[[], Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         """Attach, check the layout against ``destination``, and take the first version.
 
@@ -544,6 +555,8 @@ class SharedMemReceiverTransport:
             destination: the worker's tensors by name (a model's parameters and buffers); None
                 to receive into tensors of our own (``device``, CPU by default).
             timeout: how long to wait for the sender's first version.
+            materialize: for a ``destination`` of meta tensors: called once the layout
+                matched, returns the tensors with storage to receive into.
 
         Raises:
             KeyMismatchError / ShapeMismatchError / DTypeMismatchError: ``destination`` differs
@@ -554,7 +567,8 @@ class SharedMemReceiverTransport:
         try:
             layout = arena.layout
             if destination is not None:
-                dst = layout.match(dict(destination), theirs=f"worker {self.worker} model")
+                theirs = f"worker {self.worker} model"
+                dst = layout.match(dict(destination), theirs=theirs)
                 mine = Layout.from_tensors(zip(layout.keys, dst))
                 if mine.hash != layout.hash:
                     raise LayoutMismatchError(
@@ -562,11 +576,13 @@ class SharedMemReceiverTransport:
                         f"sender's {layout.hash:#x} although every key, shape and dtype matches "
                         "(different weightsync versions on the two ends?)"
                     )
+                if materialize is not None:
+                    dst = layout.match(dict(materialize()), theirs=theirs)
             else:
                 dev = torch.device(device or "cpu")
                 dst = [torch.empty(e.shape, dtype=e.dtype, device=dev) for e in layout.entries]
             self._setup(arena, dst)
-            arena.join(self.ticket.index)
+            arena.join(self.ticket.index, worker_id=self.worker)
         except BaseException:
             self._teardown()
             arena.close()
