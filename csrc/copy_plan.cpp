@@ -23,8 +23,25 @@ void dispatch_batched_copy(const std::vector<at::Tensor>& dst, const std::vector
 
 CopyPlan::Fingerprint CopyPlan::fingerprint(const c10::TensorImpl& impl) {
   const c10::Storage& storage = impl.unsafe_storage();
-  return {storage ? storage.unsafeGetStorageImpl()->data() : nullptr, impl.storage_offset(),
-          impl.numel(), impl.dim(), impl.dtype(), impl.is_contiguous()};
+  Fingerprint f{storage ? storage.unsafeGetStorageImpl()->data() : nullptr,
+                impl.storage_offset(),
+                impl.numel(),
+                impl.dim(),
+                impl.dtype(),
+                impl.is_contiguous(),
+                {},
+                0};
+  const c10::IntArrayRef sizes = impl.sizes();
+  const std::size_t inline_dims = std::min(sizes.size(), kInlineDims);
+  std::copy_n(sizes.begin(), inline_dims, f.sizes.begin());
+  for (std::size_t d = kInlineDims; d < sizes.size(); ++d) {
+    // splitmix64 steps: distinct size lists beyond 5 dimensions collide with probability 2^-64.
+    std::uint64_t z = f.more_sizes + 0x9E3779B97F4A7C15ULL + static_cast<std::uint64_t>(sizes[d]);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    f.more_sizes = z ^ (z >> 31);
+  }
+  return f;
 }
 
 namespace {

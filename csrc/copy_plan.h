@@ -1,13 +1,15 @@
 // A validated (dst, src) pair list that runs many times.
 //
 // Built once: validation, byte counts and, for host-only lists, the span list for the copier.
-// run() first checks that no tensor moved (data pointer and byte count per tensor, a few ns
-// each) and rebuilds when one did: a model reallocated by .to() or load_state_dict(assign=True)
-// is noticed, and one whose shapes changed raises the usual validation error.
+// run() first checks that no tensor moved or changed shape (storage, offset, sizes and dtype
+// per tensor, a few ns each) and rebuilds when one did: a model reallocated by .to() or
+// load_state_dict(assign=True) is noticed, and one whose shapes changed raises the usual
+// validation error.
 #pragma once
 
 #include <torch/custom_class.h>
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -36,15 +38,14 @@ class CopyPlan : public torch::CustomClassHolder {
  private:
   // is_valid() with the copier options of this call (run() reads them once for both uses).
   bool fingerprints_match(const core::CopyOptions& opts) const;
-  // What a reallocation changes: `param.data = x` and resize_ swap the storage or its
-  // allocation under the same TensorImpl. Read through the impl without the checks of
-  // data_ptr() (which also materialises copy-on-write storage): this runs every sync.
-  //
-  // Also the dtype and the number of dimensions, which sit on cache lines the check reads
-  // anyway: `param.data = param.view(torch.int32)` or `.view(-1)` then rebuilds, and the
-  // rebuild's validation names the mismatch. Not seen: a reshape that keeps the rank, the
-  // element count, the storage and contiguity ([3, 4] -> [4, 3]); the bytes copied are the same
-  // and memory-safe, but no shape error is raised (the sizes live on another cache line).
+  // What a reallocation or a new view changes: `param.data = x` and resize_ swap the storage
+  // or its allocation under the same TensorImpl, and `param.data = param.view(...)` changes
+  // its sizes. Read through the impl without the checks of data_ptr() (which also materialises
+  // copy-on-write storage): this runs every sync. Every field sits on the impl's own cache
+  // lines (sizes up to 5 dimensions are stored inline), which the check prefetches anyway.
+  // So a changed tensor is always seen, and the rebuild's validation names what differs
+  // (its shape or dtype) or accepts the new storage.
+  static constexpr std::size_t kInlineDims = 5;
   struct Fingerprint {
     const void* storage_data;
     std::int64_t storage_offset;
@@ -52,6 +53,8 @@ class CopyPlan : public torch::CustomClassHolder {
     std::int64_t dim;
     caffe2::TypeMeta dtype;
     bool contiguous;
+    std::array<std::int64_t, kInlineDims> sizes;  // the leading sizes, zero-padded
+    std::uint64_t more_sizes;                     // a mix of any sizes beyond those, else 0
     bool operator==(const Fingerprint&) const = default;
   };
   static Fingerprint fingerprint(const c10::TensorImpl& impl);

@@ -116,12 +116,14 @@ def test_plan_notices_reallocation_of_any_tensor_in_a_long_list(backend):
     [
         (lambda t: t.view(torch.int32), DTypeMismatchError, r"index 1: dst dtype int32 != src dtype float32"),
         (lambda t: t.view(-1), ShapeMismatchError, r"index 1: dst shape \[6\] != src shape \[2, 3\]"),
+        (lambda t: t.view(3, 2), ShapeMismatchError, r"index 1: dst shape \[3, 2\] != src shape \[2, 3\]"),
+        (lambda t: t.view(1, 1, 1, 1, 2, 3), ShapeMismatchError, r"index 1: dst shape \[1, 1, 1, 1, 2, 3\]"),
     ],
-    ids=["dtype-view", "flattened"],
+    ids=["dtype-view", "flattened", "same-rank", "six-dims"],
 )
 def test_plan_notices_a_re_view_of_the_same_storage(backend, review, error, message):
-    # Same storage, offset and byte count: only the dtype or the rank changed. The plan must
-    # re-validate (and refuse) instead of copying on as before.
+    # Same storage, offset and byte count: only the dtype, the rank or the sizes changed.
+    # The plan must re-validate (and refuse) instead of copying on as before.
     dst, src = make_pairs(3)
     plan = CopyPlan(dst, src)
     plan.run()
@@ -130,3 +132,14 @@ def test_plan_notices_a_re_view_of_the_same_storage(backend, review, error, mess
     with pytest.raises(error, match=message):
         plan.run()
     assert all(torch.equal(d, b) for d, b in zip(dst, before))
+
+
+def test_plan_notices_a_reshape_beyond_five_dimensions(backend):
+    # Sizes past the fifth are compared through a mix of their values, not left out.
+    dst = [torch.zeros(1, 1, 1, 1, 2, 6), torch.zeros(3)]
+    src = [torch.ones(1, 1, 1, 1, 2, 6), torch.ones(3)]
+    plan = CopyPlan(dst, src)
+    plan.run()
+    dst[0].data = dst[0].data.view(1, 1, 1, 1, 3, 4)
+    with pytest.raises(ShapeMismatchError, match=r"index 0: dst shape \[1, 1, 1, 1, 3, 4\]"):
+        plan.run()

@@ -550,11 +550,21 @@ def test_resending_one_tensordict_follows_its_changes(locked):
             with pytest.raises(ShapeMismatchError, match="lin.bias"):
                 sender.send(weights)
             assert side.scheme.receive() is None and side.scheme.weights_version == 4
-        # A resize in place keeps the object: still caught, before anything is written.
+        # A resize or re-view in place keeps the object: still caught (by the copy plan the
+        # sender keeps for this list), naming the key, before anything is published.
+        weight = weights["lin", "weight"].data
+        weights["lin", "weight"].data = weight.view(4, 3)  # same storage, rank and size
+        with pytest.raises(ShapeMismatchError, match=r"key 'lin.weight': arena shape \[3, 4\], weights to send shape \[4, 3\]"):
+            sender.send(weights)
+        assert side.scheme.receive() is None
         weights["lin", "weight"].data = torch.zeros(2, 2)
         with pytest.raises(ShapeMismatchError, match="lin.weight"):
             sender.send(weights)
         assert side.scheme.receive() is None
+        weights["lin", "weight"].data = weight  # back as it was: sends again
+        if not locked:
+            weights["lin", "bias"] = torch.zeros(3)
+        send_and_check(5 if not locked else 4)
 
 
 def test_resending_one_module_follows_its_changes():
@@ -583,6 +593,16 @@ def test_resending_one_module_follows_its_changes():
         with pytest.raises(ShapeMismatchError, match="steps"):
             sender.send(source)
         assert side.scheme.receive() is None and side.scheme.weights_version == 4
+        source.lin.weight.data = source.lin.weight.data.view(4, 3)  # re-viewed, same bytes
+        with pytest.raises(ShapeMismatchError, match=r"key 'lin.weight': arena shape \[3, 4\]"):
+            sender.send(source)
+        source.lin.weight.data = source.lin.weight.data.view(3, 4)
+        source.steps.data = torch.zeros(3, dtype=torch.int64)
+        send_and_check(5)
+        source.lin.bias = None  # removed
+        with pytest.raises(KeyMismatchError, match="lin.bias"):
+            sender.send(source)
+        assert side.scheme.receive() is None and side.scheme.weights_version == 5
 
 
 def test_sync_send_times_out_naming_a_worker_that_does_not_take_it():

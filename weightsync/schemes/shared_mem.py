@@ -427,19 +427,26 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         sender.send(source_tensors, worker_ids, sync=sync, timeout=timeout)
 
     def _read_module(self, module: nn.Module, layout: Layout) -> list[torch.Tensor]:
-        """A module's current tensors in layout order; checked once per (module, layout)."""
+        """A module's current tensors in layout order; matched once per (module, layout).
+
+        Shapes and dtypes are checked where the tensors are written (see
+        ``_SenderArena.write``: in C++ when the same list is sent again).
+        """
         cached = self._readers.get(id(layout))
         if cached is None or cached[0]() is not module:
             tensors = layout.match(named_tensors(module), theirs="model to send", ours="arena")
             self._readers[id(layout)] = (weakref.ref(module), _ModuleReader(module, layout.keys), tensors)
             return tensors
         ref, reader, last = cached
-        tensors = reader.read()
-        if [t.shape for t in tensors] != layout.shapes or [t.dtype for t in tensors] != layout.dtypes:
+        try:
+            tensors = reader.read()
+        except (AttributeError, KeyError):
             # The module changed under us: the full check names what differs.
             return layout.match(named_tensors(module), theirs="model to send", ours="arena")
         if len(tensors) == len(last) and all(map(operator.is_, tensors, last)):
             return last  # the same list object: the transport reuses its copy plan for it
+        if not all(isinstance(t, torch.Tensor) for t in tensors):  # a tensor set to None
+            return layout.match(named_tensors(module), theirs="model to send", ours="arena")
         self._readers[id(layout)] = (ref, reader, tensors)
         return tensors
 
@@ -454,9 +461,9 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         """
         cached = self._tree_reads.get(id(layout))
         if cached is not None and cached[0]() is tree and cached[1].unchanged(tree):
-            tensors = cached[2]
-            if [t.shape for t in tensors] == layout.shapes and [t.dtype for t in tensors] == layout.dtypes:
-                return tensors
+            # Same tensor objects: their shapes and dtypes are checked where they are written
+            # (see _SenderArena.write), in C++ when the same list is sent again.
+            return cached[2]
         tensors = layout.match(named_tensors(tree), theirs="weights to send", ours="arena")
         try:
             self._tree_reads[id(layout)] = (weakref.ref(tree), tree_snapshot(tree), tensors)

@@ -234,6 +234,21 @@ class Layout:
             out.append(chunk.view(e.dtype).view(e.shape))
         return out
 
+    def check(self, tensors: Sequence[torch.Tensor], *, theirs: str, ours: str = "arena") -> None:
+        """Raise naming the key when ``tensors`` (in this layout's order) differ in shape or
+        dtype from it; return when they fit."""
+        if [t.shape for t in tensors] == self.shapes and [t.dtype for t in tensors] == self.dtypes:
+            return
+        if len(tensors) != len(self.entries):
+            raise KeyMismatchError(f"{theirs}: {len(tensors)} tensors for the {len(self.entries)} of the {ours}")
+        for e, t in zip(self.entries, tensors):
+            if tuple(t.shape) != e.shape:
+                raise ShapeMismatchError(f"key {e.key!r}: {ours} shape {list(e.shape)}, {theirs} shape {list(t.shape)}")
+            if t.dtype != e.dtype:
+                raise DTypeMismatchError(
+                    f"key {e.key!r}: {ours} dtype {_dtype_name(e.dtype)}, {theirs} dtype {_dtype_name(t.dtype)}"
+                )
+
     def match(
         self,
         named: dict[str, torch.Tensor],

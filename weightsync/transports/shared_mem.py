@@ -172,9 +172,15 @@ def _copier(dst: list[torch.Tensor], src: list[torch.Tensor]) -> Callable[[], No
     """
     plan = CopyPlan(dst, src)
     if plan.backend == "native" or any(t.is_cuda for t in (*dst, *src)):
-        return plan.run
+        return plan.run  # re-checks every tensor's storage, sizes and dtype in C++
+    shapes, dtypes = [t.shape for t in dst], [t.dtype for t in dst]
 
     def run() -> None:
+        # The same guarantee as the native plan's, for the cost of two list passes: a tensor
+        # resized or re-viewed in place since (same object) must not be broadcast into.
+        if [t.shape for t in src] != shapes or [t.shape for t in dst] != shapes \
+                or [t.dtype for t in src] != dtypes or [t.dtype for t in dst] != dtypes:
+            CopyPlan(dst, src)  # raises the typed error naming the index
         with torch.no_grad():
             torch._foreach_copy_(dst, src)
 
@@ -283,16 +289,25 @@ class _SenderArena:
             device_slots = reduce_tensor(self._device_slots)
         return ArenaTicket(self.arena.name, self.local[worker], str(self.slot_device), device_slots)
 
-    def write(self, slot: int, src: list[torch.Tensor]) -> None:
-        """Fill ``slot`` with ``src`` (layout order, validated), complete on return."""
+    def write(self, slot: int, src: list[torch.Tensor], theirs: str = "weights to send") -> None:
+        """Fill ``slot`` with ``src`` (layout order), complete on return.
+
+        Validates before writing: a shape or dtype that differs from the layout raises
+        naming the key, and the slot is left as it was.
+        """
         cached = self._host_copies[slot]
         if cached is not None and cached[0] is src:
             # The scheme hands the very same list when it sends the same weights again; the
             # plan built for it then runs as one native call that re-checks, without Python
-            # work per tensor, that no tensor was reallocated (the validation of pack_ on
-            # 1000 tensors costs more than their copy).
-            cached[1]()
+            # work per tensor, that no tensor was reallocated, resized or re-viewed (checking
+            # 1000 shapes and dtypes in Python costs more than copying their bytes).
+            try:
+                cached[1]()
+            except LayoutMismatchError:
+                self.layout.check(src, theirs=theirs)  # the same refusal, naming the key
+                raise
             return
+        self.layout.check(src, theirs=theirs)
         flat = self.slots[slot]
         # The first tensor tells the path; the engine checks the others.
         src_device = src[0].device if src else self.slot_device
