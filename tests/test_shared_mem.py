@@ -865,6 +865,24 @@ def test_processes_follow_updates_subsets_and_survive_a_killed_worker():
         sender.shutdown()
 
 
+def _hammer_round(scheme, conns, model: nn.Module, n_updates: int, label) -> None:
+    """Connect ``scheme``, send versions 1..n_updates (every tensor filled with the version)
+    and check the workers' reports: every take whole, the last version reached, and with
+    sync sends every version taken."""
+    scheme.connect()
+    for c in conns:
+        _recv(c, "connected")
+    for v in range(1, n_updates + 1):
+        fill_version(model, v)
+        scheme.send(model)
+    for c in conns:
+        _, takes, mixed, last = _recv(c, "hammered")
+        assert last == n_updates and mixed == 0 and takes > 0, (label, takes, mixed)
+        if scheme.sync:
+            assert takes == n_updates, (label, takes)
+        c.send("next")
+
+
 def test_processes_hammer_never_see_a_mixed_version():
     """10,000 updates, every tensor of version v filled with v; the workers check every take."""
     n_updates = 10_000
@@ -878,18 +896,7 @@ def test_processes_hammer_never_see_a_mixed_version():
     try:
         with spawned(schemes, 2, "hammer", {"last": n_updates}) as (procs, conns):
             for (mode, sync), s in zip(configs, schemes):
-                s.connect()
-                for c in conns:
-                    _recv(c, "connected")
-                for v in range(1, n_updates + 1):
-                    fill_version(model, v)
-                    s.send(model)
-                for c in conns:
-                    _, takes, mixed, last = _recv(c, "hammered")
-                    assert last == n_updates and mixed == 0, (mode, sync, takes, mixed)
-                    if sync:
-                        assert takes == n_updates
-                    c.send("next")
+                _hammer_round(s, conns, model, n_updates, label=(mode, sync))
                 s.shutdown()
     finally:
         for s in schemes:
@@ -909,16 +916,7 @@ def test_processes_hammer_a_megabyte_model_with_async_sends(mode):
     scheme.init_on_sender(model=model, num_workers=2)
     try:
         with spawned(scheme, 2, "hammer", {"last": n_updates}, model="set:mlp-small") as (procs, conns):
-            scheme.connect()
-            for c in conns:
-                _recv(c, "connected")
-            for v in range(1, n_updates + 1):
-                fill_version(model, v)
-                scheme.send(model)
-            for c in conns:
-                _, takes, mixed, last = _recv(c, "hammered")
-                assert last == n_updates and mixed == 0 and takes > 0, (takes, mixed)
-                c.send("next")
+            _hammer_round(scheme, conns, model, n_updates, label=mode)
     finally:
         scheme.shutdown()
 
