@@ -432,8 +432,9 @@ class SharedMemSenderTransport:
 
         Args:
             weights: ``weights(layout, workers)`` returns the source tensors in ``layout``
-                order for the workers of one arena; it validates and raises before anything
-                is written.
+                order for the workers of one arena (it raises for missing keys). Shapes and
+                dtypes are checked by each arena's write before its slot changes; any failure
+                publishes nothing.
             sync: wait until every targeted worker acked the version.
             timeout: bound on finding a free slot and on the acks.
 
