@@ -43,6 +43,7 @@ from weightsync.errors import (
     WeightSyncTimeout,
 )
 from weightsync.schemes import WeightSyncScheme
+from weightsync.engine import StorageWindow
 from weightsync.schemes.shared_mem import SharedMemWeightSyncScheme
 from weightsync.transports.shm_segment import SHM_DIR
 
@@ -251,6 +252,41 @@ def test_view_mode_repoints_without_copying():
         sender.send(randomize(TinyModel(), 99))
         sender.send(randomize(TinyModel(), 98))
         assert_same_weights(sides[0].model, held)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_view_mode_tensors_sit_at_their_layout_offsets_in_the_slot_taken(backend, monkeypatch):
+    # Natively every tensor views one window that each take points at the new slot (one
+    # pointer store for all of them); the fallback re-points each tensor. Either way each
+    # tensor's bytes are the slot's, at its layout offset, and a privatized worker re-binds.
+    if backend == "native" and not StorageWindow.available():
+        pytest.skip("needs the native library")
+    monkeypatch.setenv("WEIGHTSYNC_BACKEND", backend)
+    with in_process(1, mode="view", sync=False) as (trainer, sender, sides):
+        receiver, model = sides[0].scheme, sides[0].model
+        transport = receiver._receiver_transport
+        layout = transport.layout
+        tensors = transport.tensors
+
+        def check_viewing_current_slot():
+            base = transport.arena.slot_bytes(transport._mapped).data_ptr()
+            assert [t.data_ptr() - base for t in tensors] == list(layout.offsets)
+            owner = transport._window.tensor if backend == "native" else transport.arena.segment.tensor
+            assert {t.untyped_storage()._cdata for t in tensors} == {owner.untyped_storage()._cdata}
+
+        check_viewing_current_slot()
+        for v in range(1, 8):
+            new = randomize(TinyModel(), 500 + v)
+            sender.send(new)
+            assert receiver.receive() is not None
+            check_viewing_current_slot()
+            assert_same_weights(model, new)
+            if v == 4:
+                receiver.apply_weights(TensorDict.from_module(randomize(TinyModel(), 600)))
+                assert all(not (transport.arena.segment.tensor.data_ptr() <= t.data_ptr()
+                                < transport.arena.segment.tensor.data_ptr() + transport.arena.segment.size)
+                           for t in tensors)  # private copies, written locally
+                assert_same_weights(model, randomize(TinyModel(), 600))
 
 
 def test_view_mode_needs_enough_slots():
