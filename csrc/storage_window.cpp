@@ -9,6 +9,7 @@
 // mapping alive for as long as the window points into it (the transport gives the tensors
 // private copies before it unmaps). The storage's first allocation is freed by the first call.
 #include <c10/core/StorageImpl.h>
+#include <c10/core/TensorImpl.h>
 
 #include <cstdint>
 #include <cstdio>
@@ -30,4 +31,21 @@ extern "C" int weightsync_repoint_storage(std::int64_t storage, std::int64_t dat
   impl->set_data_ptr_noswap(
       c10::DataPtr(reinterpret_cast<void*>(data), c10::Device(c10::DeviceType::CPU)));
   return 0;
+}
+
+// Whether every TensorImpl in `impls` (addresses, Python's `Tensor._cdata`) still views the
+// storage at `storage`, at its element offset in `offsets`: a tensor whose `.data` was
+// replaced since it was bound would not follow the window and would keep an old version.
+// Returns 1 when all do, 0 otherwise.
+extern "C" int weightsync_window_viewed(std::int64_t storage, const std::int64_t* impls,
+                                        const std::int64_t* offsets, std::size_t count) {
+  const auto* window = reinterpret_cast<const c10::StorageImpl*>(storage);
+  for (std::size_t i = 0; i < count; ++i) {
+    const auto* impl = reinterpret_cast<const c10::TensorImpl*>(impls[i]);
+    if (impl->unsafe_storage().unsafeGetStorageImpl() != window ||
+        impl->storage_offset() != offsets[i]) {
+      return 0;
+    }
+  }
+  return 1;
 }

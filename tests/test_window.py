@@ -56,3 +56,21 @@ def test_null_address_is_refused(native_window):
     window = StorageWindow(16)
     with pytest.raises(InvalidArgumentError, match="null storage or data"):
         window.point_at(0)
+
+
+def test_bound_tells_whether_every_tensor_still_views_the_window(native_window):
+    window = StorageWindow(64)
+    params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(4)]
+    views = [window.tensor[16 * i : 16 * (i + 1)].view(torch.float32) for i in range(4)]
+    assert not window.bound()
+    window.bind(params, views)
+    assert window.bound()
+    assert all(p.untyped_storage()._cdata == window.tensor.untyped_storage()._cdata for p in params)
+    params[2].data = torch.ones(4)  # given storage of its own: it would not follow the window
+    assert not window.bound()
+    window.bind(params, views)
+    assert window.bound()
+    params[1].data = views[0]  # the window, but another tensor's place
+    assert not window.bound()
+    window.unbind()
+    assert not window.bound()

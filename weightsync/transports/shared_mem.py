@@ -544,7 +544,6 @@ class SharedMemReceiverTransport:
         self._window: StorageWindow | None = None
         self._window_views: list[torch.Tensor] = []
         self._slot_addresses: list[int] = []
-        self._bound = False
         self._plans: list[Callable[[], None]] = []
         self._mapped = -1
         self._pinned: _Pinned | None = None
@@ -703,12 +702,13 @@ class SharedMemReceiverTransport:
         return self._now_viewing(slot)
 
     def _apply_window(self, slot: int) -> int:
-        # The tensors view the window; pointing it at the slot moves all of them at once.
-        self._window.point_at(self._slot_addresses[slot])
-        if not self._bound:  # the first version, or the first after privatize()
-            for t, v in zip(self.tensors, self._window_views):
-                t.data = v
-            self._bound = True
+        # The tensors view the window; pointing it at the slot moves all of them at once. They
+        # are (re)bound the first time, after privatize(), and whenever one was given other
+        # storage since (it would keep an old version while the others move on).
+        window = self._window
+        window.point_at(self._slot_addresses[slot])
+        if not window.bound():
+            window.bind(self.tensors, self._window_views)
         return self._now_viewing(slot)
 
     def _now_viewing(self, slot: int) -> int:
@@ -805,7 +805,8 @@ class SharedMemReceiverTransport:
                 return
             for t in self.tensors:
                 t.data = t.data.clone()
-            self._bound = False
+            if self._window is not None:
+                self._window.unbind()
             slot, self._mapped = self._mapped, -1
             if self.arena is not None:
                 self.arena.set_mapped(-1)
