@@ -498,6 +498,24 @@ def _half_lin() -> TinyModel:
     return model
 
 
+def _connect_refused(model: nn.Module, error, message: str) -> None:
+    """A worker with ``model`` connects to a TinyModel sender and is refused with ``error``;
+    the sender never sees it connected."""
+    sender = SharedMemWeightSyncScheme(background=False, timeout=2.0)
+    try:
+        sender.init_on_sender(model=randomize(TinyModel(), 41), num_workers=1)
+        receiver = pickle.loads(pickle.dumps(sender))
+        sender.connect()
+        receiver.init_on_receiver(model_id="policy", model=model, worker_idx=0)
+        with pytest.raises(error, match=message):
+            receiver.connect(worker_idx=0)
+        assert not receiver.synchronized_on_receiver
+        assert sender.workers_alive() == {0: False}
+        receiver.shutdown()
+    finally:
+        sender.shutdown()
+
+
 @pytest.mark.parametrize(
     "factory, error, message",
     [
@@ -507,45 +525,21 @@ def _half_lin() -> TinyModel:
     ],
 )
 def test_mismatched_worker_model_fails_at_connect_and_nothing_is_applied(factory, error, message):
-    trainer = randomize(TinyModel(), 41)
-    sender = SharedMemWeightSyncScheme(background=False, timeout=2.0)
-    try:
-        sender.init_on_sender(model=trainer, num_workers=1)
-        receiver = pickle.loads(pickle.dumps(sender))
-        sender.connect()
-        model = factory()
-        before = snapshot(model)
-        receiver.init_on_receiver(model_id="policy", model=model, worker_idx=0)
-        with pytest.raises(error, match=message):
-            receiver.connect(worker_idx=0)
-        assert_same_weights(model, before)
-        assert not receiver.synchronized_on_receiver
-        assert sender.workers_alive() == {0: False}
-        receiver.shutdown()
-    finally:
-        sender.shutdown()
+    model = factory()
+    before = snapshot(model)
+    _connect_refused(model, error, message)
+    assert_same_weights(model, before)
 
 
 def test_meta_worker_model_with_another_shape_stays_meta():
     # The layout is checked on the meta tensors before they get storage: a mismatch leaves
     # the model exactly as it was.
-    trainer = randomize(TinyModel(), 42)
-    sender = SharedMemWeightSyncScheme(background=False, timeout=2.0)
-    try:
-        sender.init_on_sender(model=trainer, num_workers=1)
-        receiver = pickle.loads(pickle.dumps(sender))
-        sender.connect()
-        with torch.device("meta"):
-            model = TinyModel(width=5)
-        params = dict(model.named_parameters())
-        receiver.init_on_receiver(model_id="policy", model=model, worker_idx=0)
-        with pytest.raises(ShapeMismatchError, match="key 'lin.weight'"):
-            receiver.connect(worker_idx=0)
-        assert all(t.is_meta for t in model.state_dict().values())
-        assert all(p is params[n] for n, p in model.named_parameters())
-        receiver.shutdown()
-    finally:
-        sender.shutdown()
+    with torch.device("meta"):
+        model = TinyModel(width=5)
+    params = dict(model.named_parameters())
+    _connect_refused(model, ShapeMismatchError, "key 'lin.weight'")
+    assert all(t.is_meta for t in model.state_dict().values())
+    assert all(p is params[n] for n, p in model.named_parameters())
 
 
 def test_send_validates_before_writing():
