@@ -10,13 +10,12 @@ take a slower per-tensor path; contiguous ones move in one call or one launch).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
 from weightsync import _extension
-from weightsync.engine.backends import backend_for
+from weightsync.engine.backends import backend_for, native_library_active
 from weightsync.engine.validate import translate_native_error
 from weightsync.errors import BackendUnavailableError, InvalidArgumentError
 
@@ -27,10 +26,7 @@ def _traced_natively() -> bool:
     """Under torch.compile with the library loaded: call the op itself, which the compiler
     traces through its registered fake (the backend choice takes a lock, which it cannot).
     The kernel still validates everything when the compiled code runs."""
-    if not torch.compiler.is_compiling():
-        return False
-    status = _extension._status
-    return status is not None and status.loaded and os.environ.get("WEIGHTSYNC_BACKEND", "") in ("", "native")
+    return torch.compiler.is_compiling() and native_library_active()
 
 
 def batched_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],

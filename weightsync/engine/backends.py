@@ -51,6 +51,21 @@ def forced_backend() -> str | None:
     return value
 
 
+# native_library_active() per WEIGHTSYNC_BACKEND value: asked on per-update paths. A plain
+# dict rather than functools.cache, which torch.compile would trace through.
+_NATIVE_ACTIVE: dict[str, bool] = {}
+
+
+def native_library_active() -> bool:
+    """Whether the library's host-side entry points are to be used: it is loaded and the torch
+    backend is not forced (futex waits, storage windows, compiled calls of the ops)."""
+    forced = os.environ.get("WEIGHTSYNC_BACKEND", "")
+    active = _NATIVE_ACTIVE.get(forced)
+    if active is None:
+        active = _NATIVE_ACTIVE[forced] = _extension.load().loaded and forced_backend() != "torch"
+    return active
+
+
 def native_reason(device_type: str) -> str | None:
     """Why the native backend cannot run ops on ``device_type`` tensors, or None."""
     status = _extension.load()

@@ -7,14 +7,11 @@ starts at 20 us and caps at 1 ms, so a wait reacts quickly without spinning a co
 
 from __future__ import annotations
 
-import os
 import time
-from functools import cache
 
 import torch
 
-from weightsync import _extension
-from weightsync.engine.backends import forced_backend
+from weightsync.engine.backends import native_library_active
 from weightsync.errors import InvalidArgumentError
 
 __all__ = ["futex_wait", "futex_wake", "native_futex"]
@@ -26,13 +23,7 @@ _INT32_MAX = 2**31 - 1
 
 def native_futex() -> bool:
     """Whether waits use futex(2) (library loaded, torch backend not forced) or polling."""
-    return _native_for(os.environ.get("WEIGHTSYNC_BACKEND", ""))
-
-
-@cache
-def _native_for(forced: str) -> bool:
-    # Cached per WEIGHTSYNC_BACKEND value: waits sit on the per-update path.
-    return _extension.load().loaded and forced_backend() != "torch"
+    return native_library_active()
 
 
 def _check(word: torch.Tensor, op: str) -> None:

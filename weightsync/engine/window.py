@@ -9,12 +9,12 @@ native library (see :meth:`StorageWindow.available`); the fallback re-points eac
 from __future__ import annotations
 
 import ctypes
-import os
 from functools import cache
 
 import torch
 
 from weightsync import _extension
+from weightsync.engine.backends import native_library_active
 from weightsync.engine.validate import translate_native_error
 from weightsync.errors import BackendUnavailableError
 
@@ -58,7 +58,7 @@ class StorageWindow:
     @staticmethod
     def available() -> bool:
         """Whether windows can be made (the native library is loaded and not overridden)."""
-        return _extension.load().loaded and os.environ.get("WEIGHTSYNC_BACKEND", "") in ("", "native")
+        return native_library_active()
 
     def point_at(self, address: int) -> None:
         """Make the window (and every view of it) read and write ``nbytes`` at ``address``."""

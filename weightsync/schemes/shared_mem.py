@@ -515,9 +515,11 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             # was), and the first version fills that storage.
             device = self._worker_devices.get(worker_idx)
 
-            def materialize() -> dict[str, torch.Tensor]:
+            def give_storage() -> dict[str, torch.Tensor]:
                 materialize_meta(model, device)
                 return named_tensors(model)
+
+            materialize = give_storage
 
         transport.lock = self._guard
         transport.connect(destination, device=self._worker_devices.get(worker_idx),
