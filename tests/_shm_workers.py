@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 import traceback
 from typing import Any
@@ -176,6 +177,10 @@ def _scheme_worker(conn: Any, schemes: Any, worker_idx: int, model_kind: str, pl
                 _follow(conn, scheme, model)
             elif plan == "hammer":
                 _hammer(conn, scheme, model, opts)
+            elif plan == "guarded-hammer":
+                _guarded_hammer(conn, scheme, model, opts)
+            elif plan == "gil-held":
+                _gil_held(conn, scheme, model, opts)
             elif plan == "bench":
                 _bench(conn, scheme)
             else:
@@ -221,6 +226,46 @@ def _hammer(conn: Any, scheme: Any, model: nn.Module, opts: dict) -> None:
             if any(float(t.min()) != v or float(t.max()) != v for t in tensors):
                 mixed += 1
     conn.send(("hammered", takes, mixed, scheme.weights_version))
+    conn.recv()
+
+
+def _guarded_hammer(conn: Any, scheme: Any, model: nn.Module, opts: dict) -> None:
+    """Background receiver: look at the model under the guard, as a forward pass would, until
+    version ``opts['last']``; every look must find every element equal to the version held."""
+    last = opts["last"]
+    tensors = [*model.parameters(), *model.buffers()]
+    mixed = looks = 0
+    version = 0
+    while version < last:
+        with scheme.guard():
+            version = scheme.weights_version
+            if version > 0:  # version 0: the sender's initial weights, not filled
+                looks += 1
+                with torch.no_grad():
+                    if any(float(t.min()) != version or float(t.max()) != version for t in tensors):
+                        mixed += 1
+    conn.send(("hammered", looks, mixed, version, scheme._native_loop is not None, scheme.version))
+    conn.recv()
+
+
+def _gil_held(conn: Any, scheme: Any, model: nn.Module, opts: dict) -> None:
+    """On "go", hold the GIL in pure Python for ``opts['seconds']``, never giving it up (the
+    switch interval is set far beyond that), as a long environment step would; then report."""
+    deadline = time.monotonic() + 5.0  # the background thread builds the loop as it starts
+    while scheme._native_loop is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    native = scheme._native_loop is not None
+    # The parent has unpickled the "connected" snapshot by now: its tensors travel as file
+    # descriptors that a Python thread of this process hands out, which needs the GIL.
+    assert conn.recv() == "go"
+    sys.setswitchinterval(1000.0)
+    conn.send(("busy", native))
+    deadline = time.monotonic() + opts["seconds"]
+    while time.monotonic() < deadline:
+        pass
+    sys.setswitchinterval(0.005)
+    with scheme.guard():
+        conn.send(("state", scheme.weights_version, _snapshot(model)))
     conn.recv()
 
 

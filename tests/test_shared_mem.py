@@ -45,6 +45,7 @@ from weightsync.errors import (
 from weightsync.schemes import WeightSyncScheme
 from weightsync.engine import StorageWindow
 from weightsync.schemes.shared_mem import SharedMemWeightSyncScheme
+from weightsync.transports.receive_loop import native_loop_available
 from weightsync.transports.shm_segment import SHM_DIR
 
 CTX = mp.get_context("spawn")
@@ -668,9 +669,19 @@ def test_receiver_sees_sender_shutdown():
             sides[0].scheme.receive(timeout=0.1)
 
 
+def _wait_for_native_loop(receiver) -> None:
+    """The background thread builds the native loop as it starts: wait for it (when the
+    library has one) so that the test exercises it."""
+    deadline = time.monotonic() + 5
+    while native_loop_available() and receiver._native_loop is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert (receiver._native_loop is not None) == native_loop_available()
+
+
 def test_guard_holds_off_a_background_update():
     with in_process(1, background=True, sync=False) as (trainer, sender, sides):
         receiver, model = sides[0].scheme, sides[0].model
+        _wait_for_native_loop(receiver)
         new = randomize(TinyModel(), 51)
         with receiver.guard():
             before = snapshot(model)
@@ -748,9 +759,11 @@ def test_sync_sends_reach_a_worker_that_holds_the_guard_nearly_always():
         assert elapsed < 3.0, f"30 sync sends took {elapsed:.2f} s"
 
 
-def test_guard_keeps_a_forward_pass_on_one_version():
-    with in_process(1, background=True, sync=False, mode="view") as (trainer, sender, sides):
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_guard_keeps_a_forward_pass_on_one_version(mode):
+    with in_process(1, background=True, sync=False, mode=mode) as (trainer, sender, sides):
         receiver, model = sides[0].scheme, sides[0].model
+        _wait_for_native_loop(receiver)
         stop = threading.Event()
 
         def pump():
@@ -935,6 +948,58 @@ def test_processes_hammer_never_see_a_mixed_version():
     finally:
         for s in schemes:
             s.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["copy", "view"])
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_processes_background_receivers_never_show_a_guarded_block_a_mixed_version(mode, sync):
+    """Background receivers (the native loop when the library has it), workers looking at
+    their model under the guard as a forward pass would: every look sees one whole version."""
+    n_updates = 2_000
+    scheme = SharedMemWeightSyncScheme(mode=mode, sync=sync, background=True, timeout=10.0)
+    scheme.init_on_sender(model=TinyModel(), num_workers=2)
+    model = TinyModel()
+    try:
+        with spawned(scheme, 2, "guarded-hammer", {"last": n_updates}) as (procs, conns):
+            scheme.connect()
+            for c in conns:
+                _recv(c, "connected")
+            for v in range(1, n_updates + 1):
+                fill_version(model, v)
+                scheme.send(model)
+            for c in conns:
+                _, looks, mixed, last, native, applied = _recv(c, "hammered")
+                assert last == n_updates and mixed == 0 and looks > 0, (looks, mixed, last)
+                assert native == native_loop_available()
+                # Each version applied once, by the loop or by a guard entry, and counted.
+                assert applied == n_updates if sync else 0 < applied <= n_updates, applied
+                c.send("next")
+    finally:
+        scheme.shutdown()
+
+
+@pytest.mark.skipif(not native_loop_available(), reason="needs the native library's receive loop")
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_processes_take_updates_while_their_main_thread_holds_the_gil(mode):
+    """A worker whose main thread runs pure Python and never gives up the GIL (an environment
+    step; here the switch interval is 1000 s) still takes every sync update: the native loop
+    needs no GIL. A Python receiver thread could not run, and the first send would time out."""
+    scheme = SharedMemWeightSyncScheme(mode=mode, sync=True, background=True, timeout=2.0)
+    scheme.init_on_sender(model=TinyModel(), num_workers=1)
+    try:
+        with spawned(scheme, 1, "gil-held", {"seconds": 4.0}) as (procs, conns):
+            scheme.connect()
+            _recv(conns[0], "connected")
+            conns[0].send("go")
+            assert _recv(conns[0], "busy") == ("busy", True)
+            for v in range(1, 21):
+                last = randomize(TinyModel(), 500 + v)
+                scheme.send(last)  # sync: returns once the worker applied it
+            _, version, state = _recv(conns[0], "state")
+            assert version == 20
+            assert_same_weights(state, last)
+    finally:
+        scheme.shutdown()
 
 
 @pytest.mark.parametrize("mode", ["copy", "view"])

@@ -127,6 +127,13 @@ class CopyPlan:
         return self._impl.is_valid()
 
     @property
+    def native_address(self) -> int | None:
+        """The C++ plan's address on the native backend (for C callers; the plan object keeps
+        it alive), else None."""
+        impl = self._impl
+        return impl._address if isinstance(impl, _NativePlan) else None
+
+    @property
     def rebuilds(self) -> int:
         """How many times the plan noticed reallocated tensors and rebuilt itself."""
         return self._impl.rebuilds

@@ -55,6 +55,21 @@ class StorageWindow:
         self._bound: list[torch.Tensor] = []
         self._impls = self._offsets = None
 
+    @property
+    def storage(self) -> int:
+        """The address of the window's ``StorageImpl`` (what the native receive loop re-points)."""
+        return self._storage
+
+    @property
+    def impls(self) -> ctypes.Array | None:
+        """The bound tensors' ``TensorImpl`` addresses (None before :meth:`bind`)."""
+        return self._impls
+
+    @property
+    def offsets(self) -> ctypes.Array | None:
+        """The bound tensors' element offsets into the window (None before :meth:`bind`)."""
+        return self._offsets
+
     @staticmethod
     def available() -> bool:
         """Whether windows can be made (the native library is loaded and not overridden)."""

@@ -39,14 +39,20 @@ import torch
 from torch import nn
 
 from weightsync.errors import InvalidArgumentError, PeerDiedError, SchemeStateError
-from weightsync.schemes.base import UnknownWorkerError, WeightSyncScheme, resolve_attr
+from weightsync.schemes.base import (
+    _BACKGROUND_JOIN_TIMEOUT_S,
+    UnknownWorkerError,
+    WeightSyncScheme,
+    resolve_attr,
+)
 from weightsync.strategy import (
     UncacheableTree,
     materialize_meta,
     modules_with_extra_state,
     tree_snapshot,
 )
-from weightsync.transports.arena import DEFAULT_TIMEOUT, Layout
+from weightsync.transports.arena import _LIVENESS_PERIOD, DEFAULT_TIMEOUT, Layout
+from weightsync.transports.receive_loop import STOPPED, NativeReceiveLoop, ReceiverLock
 from weightsync.transports.shared_mem import (
     MODES,
     ArenaTicket,
@@ -144,7 +150,10 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         # Receiver only.
         self._applied: Any = None
         self._weights_version = 0
-        self._guard = threading.RLock()
+        self._guard = ReceiverLock()
+        # The C++ loop the background receiver runs (native library), from its start until
+        # the background receiver is stopped.
+        self._native_loop: NativeReceiveLoop | None = None
 
     # -- transports ----------------------------------------------------------------------------
 
@@ -588,7 +597,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         return self._weights_version
 
     @property
-    def lock(self) -> threading.RLock:
+    def lock(self) -> ReceiverLock:
         """The lock every update is applied under (see :meth:`guard`)."""
         return self._guard
 
@@ -625,6 +634,60 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         # Under the guard: the background thread and a thread entering guard() both count.
         with self._guard:
             return super()._received(weights)
+
+    @property
+    def version(self) -> int:
+        """Sender: completed ``send`` calls. Receiver: weight versions applied since connect
+        (by :meth:`receive`, :meth:`guard` or the background receiver)."""
+        loop = self._native_loop
+        return self._version + (loop.applied if loop is not None else 0)
+
+    def _background_loop(self, stop: threading.Event, poll_interval: float) -> None:
+        # With the native library the takes run in C++ without the GIL (see
+        # transports/receive_loop.py); Python looks only when the loop hands back: the sender
+        # is gone, or a case whose error the Python path reports. A context that wants to hear
+        # of every update (TorchRL's update_policy_weights_ cascade) keeps the Python loop.
+        transport = self._receiver_transport
+        context = self.context
+        wants_updates = context is not None and getattr(context, "update_policy_weights_", None)
+        loop = None if transport is None or wants_updates else transport.start_native_loop()
+        if loop is None:
+            super()._background_loop(stop, poll_interval)
+            return
+        self._native_loop = loop  # before the stop check: _stop_background_receiver reads it
+        try:
+            while not stop.is_set():
+                if loop.run(_LIVENESS_PERIOD) == STOPPED or stop.is_set():
+                    break
+                try:
+                    self.receive(timeout=0)
+                except PeerDiedError:
+                    arena = transport.arena
+                    if arena is not None and arena.closed:
+                        break  # the sender shut down on purpose: nothing more will come
+                    raise
+        except Exception as exc:  # reported as the Python loop does
+            self._background_error = exc
+            warnings.warn(
+                f"weightsync background receiver of worker {self._worker_idx} stopped: "
+                f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=1,
+            )
+
+    def _stop_background_receiver(self, timeout: float = _BACKGROUND_JOIN_TIMEOUT_S) -> None:
+        # Stop event first, then the loop: a loop created after this read sees the event
+        # before it runs (it is published before the background thread checks the event).
+        if self._stop_event is not None:
+            self._stop_event.set()
+        loop = self._native_loop
+        if loop is not None:
+            loop.stop()
+        super()._stop_background_receiver(timeout)  # joins; raises if the thread hangs on
+        loop = self._native_loop
+        if loop is not None:
+            self._native_loop = None
+            self._version += loop.applied
+            if self._receiver_transport is not None:
+                self._receiver_transport.stop_native_loop()
 
     def start_background(self) -> None:
         """Start applying updates from a background thread (when built with ``background=False``)."""
@@ -675,9 +738,10 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             _applied=None,
             _weights_version=0,
             _guard=None,
+            _native_loop=None,
         )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._guard = threading.RLock()
+        self._guard = ReceiverLock()

@@ -761,6 +761,17 @@ class Arena:
                 raise PeerDiedError(self._sender_gone_message() + f" while writing slot {slot}")
             time.sleep(0)
 
+    def native_words(self) -> list[int]:
+        """Addresses of this worker's protocol words, in the order of ``csrc/receive_loop.cpp``
+        (publish futex, offer, acked, ack futex, ack-sleeping flag, closed flag, mapped slot,
+        slot records): the native receive loop follows the same protocol as the methods here."""
+        base = self.segment.tensor.data_ptr()
+        rec = self._wrec(self.worker)
+        return [base + off for off in (
+            _H_PUB_FUTEX, rec + _W_OFFER, rec + _W_ACKED, rec + _W_ACK_FUTEX, _H_ACK_SLEEPING,
+            _H_CLOSED, rec + _W_MAPPED, _SLOT_RECORDS,
+        )]
+
     def release_slot(self, slot: int) -> None:
         """Drop this worker's shared lock on ``slot``."""
         _unlock(self.segment.fd, slot)

@@ -47,6 +47,13 @@ from weightsync.errors import (
     WeightSyncTimeout,
 )
 from weightsync.transports.arena import DEFAULT_TIMEOUT, Arena, Layout
+from weightsync.transports.receive_loop import (
+    MODE_COPY,
+    MODE_WINDOW,
+    NativeReceiveLoop,
+    ReceiverLock,
+    native_loop_available,
+)
 
 __all__ = [
     "ArenaTicket",
@@ -533,8 +540,12 @@ class SharedMemReceiverTransport:
         self.ticket = ticket
         self.worker = worker
         self.mode = mode
-        self.version = 0
-        self.lock = threading.RLock()
+        self._version = 0
+        #: Held around every apply; hold it around inference (the scheme's ``guard()`` does).
+        self.lock = ReceiverLock()
+        # The C++ loop applying versions while a background receiver runs (native library);
+        # while it exists, it holds this worker's version and mapped slot.
+        self._loop: NativeReceiveLoop | None = None
         self.arena: Arena | None = None
         self.tensors: list[torch.Tensor] = []
         self.keys: tuple[str, ...] = ()
@@ -545,7 +556,7 @@ class SharedMemReceiverTransport:
         self._window_views: list[torch.Tensor] = []
         self._slot_addresses: list[int] = []
         self._plans: list[Callable[[], None]] = []
-        self._mapped = -1
+        self._mapped_slot = -1
         self._pinned: _Pinned | None = None
         self._device_slots: torch.Tensor | None = None
         self._stage: torch.Tensor | None = None
@@ -553,6 +564,30 @@ class SharedMemReceiverTransport:
         self._cuda: torch.device | None = None
         # CUDA devices whose current stream must finish a copy before its slot is released.
         self._sync_devices: list[torch.device] = []
+
+    @property
+    def version(self) -> int:
+        """The version this worker holds (0: none yet)."""
+        return self._loop.version if self._loop is not None else self._version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        if self._loop is not None:
+            self._loop.version = value
+        else:
+            self._version = value
+
+    @property
+    def _mapped(self) -> int:
+        """View mode: the slot this worker's tensors view (-1: none)."""
+        return self._loop.mapped if self._loop is not None else self._mapped_slot
+
+    @_mapped.setter
+    def _mapped(self, slot: int) -> None:
+        if self._loop is not None:
+            self._loop.mapped = slot
+        else:
+            self._mapped_slot = slot
 
     @property
     def layout(self) -> Layout:
@@ -709,6 +744,8 @@ class SharedMemReceiverTransport:
         window.point_at(self._slot_addresses[slot])
         if not window.bound():
             window.bind(self.tensors, self._window_views)
+            if self._loop is not None:
+                self._loop.bind(window.impls, window.offsets, len(self.tensors))
         return self._now_viewing(slot)
 
     def _now_viewing(self, slot: int) -> int:
@@ -786,6 +823,52 @@ class SharedMemReceiverTransport:
         """Block until a version newer than ours is offered (True) or ``timeout`` (False)."""
         return self.arena.wait_offer(self.version, timeout)
 
+    # -- the native loop ---------------------------------------------------------------------
+
+    def start_native_loop(self) -> NativeReceiveLoop | None:
+        """Build and attach the C++ receive loop, if this worker's takes can run natively.
+
+        They can with the native library, on a host arena, in copy mode with native copy plans
+        into CPU tensors, or in view mode with a storage window. Returns the loop (run it from
+        one thread, then :meth:`stop_native_loop`), or None: the Python path applies then.
+        """
+        arena = self.arena
+        if arena is None or self._loop is not None or not native_loop_available():
+            return None
+        if self._apply == self._apply_window and self._window is not None:
+            mode, targets, window = MODE_WINDOW, list(self._slot_addresses), self._window.storage
+        elif self._apply == self._apply_plan and not self._sync_devices and self._plans:
+            addresses = [getattr(getattr(p, "__self__", None), "native_address", None)
+                         for p in self._plans]
+            if any(a is None for a in addresses):
+                return None
+            mode, targets, window = MODE_COPY, addresses, 0
+        else:
+            return None
+        with self.lock:
+            loop = NativeReceiveLoop(arena.native_words(), arena.segment.fd, mode, targets,
+                                     window=window, version=self._version,
+                                     mapped=self._mapped_slot)
+            if mode == MODE_WINDOW:
+                if self._window.bound():
+                    loop.bind(self._window.impls, self._window.offsets, len(self.tensors))
+                else:
+                    loop.bind(None, None, -1)
+            self._loop = loop
+            self.lock.attach(loop)
+        return loop
+
+    def stop_native_loop(self) -> None:
+        """Detach and free the loop (its ``run`` must have returned); state moves back here."""
+        loop = self._loop
+        if loop is None:
+            return
+        with self.lock:
+            self._version, self._mapped_slot = loop.version, loop.mapped
+            self._loop = None
+            self.lock.attach(None)
+        loop.free()
+
     # -- teardown ----------------------------------------------------------------------------
 
     def _teardown(self) -> None:
@@ -807,6 +890,8 @@ class SharedMemReceiverTransport:
                 t.data = t.data.clone()
             if self._window is not None:
                 self._window.unbind()
+                if self._loop is not None:
+                    self._loop.bind(None, None, -1)
             slot, self._mapped = self._mapped, -1
             if self.arena is not None:
                 self.arena.set_mapped(-1)
@@ -814,6 +899,11 @@ class SharedMemReceiverTransport:
 
     def close(self) -> None:
         """Detach. In view mode the tensors first get private copies of the version they view."""
+        if self._loop is not None:
+            # A native loop still attached means its thread did not stop in time: it may yet
+            # read the mapping, so the mapping stays (the sender removes the segment's name).
+            self._loop.stop()
+            return
         with self.lock:
             self.privatize()
             self._views = []

@@ -1,0 +1,195 @@
+"""The worker's guard lock and its native receive loop (``csrc/receive_loop.cpp``).
+
+A worker's background receiver used to be a Python thread: every update it applied needed the
+GIL, so while the worker's main thread ran Python (an environment step) each update queued for
+up to the interpreter's switch interval (5 ms), and even an idle worker paid tens of
+microseconds of Python per take. With the native library, the background thread instead calls
+:meth:`NativeReceiveLoop.run`, which waits, takes, acks and releases in C++ without the GIL,
+and returns to Python only to stop, when the sender is gone, or for a case the Python path
+handles (it reports errors with their usual types and messages).
+
+Both paths apply under one lock, :class:`ReceiverLock`: the scheme's ``guard()`` and every
+Python apply hold it, and while a native loop is attached it also holds the loop's mutex, so
+an update never lands inside a guarded block whichever path applies it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from functools import cache
+from types import SimpleNamespace
+from typing import Any
+
+from weightsync import _extension
+from weightsync.engine.backends import native_library_active
+
+__all__ = ["ReceiverLock", "NativeReceiveLoop", "STOPPED", "SENDER_GONE", "HAND_BACK"]
+
+#: What :meth:`NativeReceiveLoop.run` returns.
+STOPPED, SENDER_GONE, HAND_BACK = 0, 1, 2
+MODE_COPY, MODE_WINDOW = 0, 1
+
+_I64 = ctypes.c_int64
+_I64P = ctypes.POINTER(ctypes.c_int64)
+
+
+@cache
+def _lib() -> Any | None:
+    """The loop's C entry points, or None (no native library, or one built without them).
+
+    Only the two calls that block (``run``, and ``lock`` when the mutex is taken) go through
+    ``CDLL``, which drops the GIL. Every other call keeps it (``PyDLL``): they take a few
+    nanoseconds, and a thread that released the GIL at each guard entry would starve the
+    process's other Python threads (CPython forces a hand-over only when no thread took the
+    GIL for a whole switch interval, and every release and re-take counts as one).
+    """
+    if not native_library_active():
+        return None
+    path = _extension.load().path
+    try:
+        dropping, holding = ctypes.CDLL(path), ctypes.PyDLL(path)
+        calls = {
+            "weightsync_receiver_new": ([_I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64P,
+                                         _I64, _I64, _I64], _I64),
+            "weightsync_receiver_free": ([_I64], None),
+            "weightsync_receiver_lock": ([_I64], None),
+            "weightsync_receiver_try_lock": ([_I64], ctypes.c_int),
+            "weightsync_receiver_unlock": ([_I64], None),
+            "weightsync_receiver_version": ([_I64], _I64),
+            "weightsync_receiver_set_version": ([_I64, _I64], None),
+            "weightsync_receiver_mapped": ([_I64], _I64),
+            "weightsync_receiver_set_mapped": ([_I64, _I64], None),
+            "weightsync_receiver_applied": ([_I64], _I64),
+            "weightsync_receiver_bind": ([_I64, _I64P, _I64P, _I64], None),
+            "weightsync_receiver_stop": ([_I64], None),
+            "weightsync_receiver_run": ([_I64, ctypes.c_double], ctypes.c_int),
+        }
+        fns = {}
+        for name, (argtypes, restype) in calls.items():
+            blocking = name in ("weightsync_receiver_run", "weightsync_receiver_lock")
+            fn = getattr(dropping if blocking else holding, name)
+            fn.argtypes, fn.restype = argtypes, restype
+            fns[name.removeprefix("weightsync_receiver_")] = fn
+    except (OSError, AttributeError):
+        return None
+    return SimpleNamespace(**fns)
+
+
+def native_loop_available() -> bool:
+    """Whether workers can receive in C++ (the native library is active and has the loop)."""
+    return _lib() is not None
+
+
+class NativeReceiveLoop:
+    """The C++ state of one worker's loop: the words it watches, what it applies, its mutex.
+
+    Build it with the transport's words and plans (see ``SharedMemReceiverTransport``); keep
+    what ``targets`` point at (copy plans, the mapping) alive until :meth:`free`.
+    """
+
+    def __init__(self, words: list[int], fd: int, mode: int, targets: list[int], *,
+                 window: int = 0, version: int = 0, mapped: int = -1) -> None:
+        lib = _lib()
+        if lib is None:
+            raise RuntimeError("the native receive loop is not available")
+        self._lib = lib
+        n = len(targets)
+        self._handle = lib.new(
+            (_I64 * len(words))(*words), fd, n, mode, (_I64 * n)(*targets), window, version, mapped
+        )
+        if not self._handle:
+            raise RuntimeError(f"weightsync_receiver_new refused mode {mode}")
+
+    def lock(self) -> None:
+        # Keep the GIL when the mutex is free (nearly always); drop it only to wait for a take
+        # in progress (see weightsync_receiver_try_lock).
+        if not self._lib.try_lock(self._handle):
+            self._lib.lock(self._handle)
+
+    def unlock(self) -> None:
+        self._lib.unlock(self._handle)
+
+    @property
+    def version(self) -> int:
+        return self._lib.version(self._handle)
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self._lib.set_version(self._handle, value)
+
+    @property
+    def mapped(self) -> int:
+        return self._lib.mapped(self._handle)
+
+    @mapped.setter
+    def mapped(self, slot: int) -> None:
+        self._lib.set_mapped(self._handle, slot)
+
+    @property
+    def applied(self) -> int:
+        """How many versions the loop itself applied."""
+        return self._lib.applied(self._handle)
+
+    def bind(self, impls: Any | None, offsets: Any | None, count: int) -> None:
+        """View mode: the tensors that must view the window (``count=-1``: none are bound)."""
+        if count < 0:
+            self._lib.bind(self._handle, None, None, -1)
+        else:
+            self._lib.bind(self._handle, impls, offsets, count)
+
+    def run(self, liveness_s: float) -> int:
+        """Receive until stopped (:data:`STOPPED`), the sender is gone (:data:`SENDER_GONE`)
+        or Python must look (:data:`HAND_BACK`). Releases the GIL throughout."""
+        return self._lib.run(self._handle, liveness_s)
+
+    def stop(self) -> None:
+        """Make :meth:`run` return :data:`STOPPED` (from another thread)."""
+        self._lib.stop(self._handle)
+
+    def free(self) -> None:
+        """Release the C++ state; :meth:`run` must have returned."""
+        if self._handle:
+            self._lib.free(self._handle)
+            self._handle = 0
+
+
+class ReceiverLock:
+    """A re-entrant lock that also holds a native loop's mutex while one is attached.
+
+    Used like ``threading.RLock`` (``with lock:``, :meth:`acquire`, :meth:`release`). The
+    outermost acquire by a thread takes the attached loop's mutex (waiting, without the GIL,
+    for a take in progress); the matching release gives it back.
+    """
+
+    def __init__(self) -> None:
+        self._rlock = threading.RLock()
+        self._depth = 0
+        self._loop: NativeReceiveLoop | None = None
+        self._held: NativeReceiveLoop | None = None  # the loop whose mutex the owner holds
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not self._rlock.acquire(blocking, timeout):
+            return False
+        self._depth += 1
+        if self._depth == 1 and self._loop is not None:
+            self._loop.lock()
+            self._held = self._loop
+        return True
+
+    def release(self) -> None:
+        if self._depth == 1 and self._held is not None:
+            self._held.unlock()
+            self._held = None
+        self._depth -= 1
+        self._rlock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def attach(self, loop: NativeReceiveLoop | None) -> None:
+        """Attach ``loop`` (None: detach). Takes the lock, so no block is in progress."""
+        with self:
+            self._loop = loop
