@@ -1183,3 +1183,28 @@ def test_apply_weights_in_view_mode_never_writes_shared_memory():
         sender.send(new)
         sides[0].scheme.receive()
         assert_same_weights(sides[0].model, new)
+
+
+@pytest.mark.skipif(not native_loop_available(), reason="needs the native library's receive loop")
+def test_receiver_lock_holds_the_native_loop_mutex():
+    from weightsync.transports.receive_loop import NativeReceiveLoop, ReceiverLock
+
+    with in_process(1, background=True, sync=False) as (trainer, sender, sides):
+        receiver = sides[0].scheme
+        _wait_for_native_loop(receiver)
+        loop: NativeReceiveLoop = receiver._native_loop
+        lock: ReceiverLock = receiver.lock
+        with lock:
+            with lock:  # re-entrant
+                pass
+            # Still held by this thread: another thread can take neither the lock nor the mutex.
+            seen = []
+            t = threading.Thread(target=lambda: seen.append((lock.acquire(blocking=False),
+                                                             loop.lock(blocking=False))))
+            t.start()
+            t.join(JOIN_TIMEOUT)
+            assert seen == [(False, False)]
+        assert loop.lock(blocking=False)  # released on the way out
+        loop.unlock()
+        assert lock.acquire(blocking=False)
+        lock.release()

@@ -23,6 +23,12 @@ so an update never lands in the middle of a forward pass::
 Entering the guard also applies a version already on offer, so each forward pass starts on the
 newest published weights, and a worker that is inside the guard almost all the time still
 takes updates at once (its background thread would otherwise queue for the lock).
+
+With the native library the background thread takes versions in C++ without the GIL
+(:mod:`weightsync.transports.receive_loop`): a worker whose main thread runs Python (an
+environment step) still applies and acknowledges each update as it arrives, instead of waiting
+for the interpreter to hand its thread the GIL. The Python loop remains for the torch fallback,
+for GPU workers and for a context that is told of every update.
 """
 
 from __future__ import annotations

@@ -101,11 +101,16 @@ class NativeReceiveLoop:
         if not self._handle:
             raise RuntimeError(f"weightsync_receiver_new refused mode {mode}")
 
-    def lock(self) -> None:
+    def lock(self, blocking: bool = True) -> bool:
+        """Take the loop's mutex; False when ``blocking`` is False and a take is in progress."""
         # Keep the GIL when the mutex is free (nearly always); drop it only to wait for a take
         # in progress (see weightsync_receiver_try_lock).
-        if not self._lib.try_lock(self._handle):
-            self._lib.lock(self._handle)
+        if self._lib.try_lock(self._handle):
+            return True
+        if not blocking:
+            return False
+        self._lib.lock(self._handle)
+        return True
 
     def unlock(self) -> None:
         self._lib.unlock(self._handle)
@@ -171,10 +176,13 @@ class ReceiverLock:
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         if not self._rlock.acquire(blocking, timeout):
             return False
-        self._depth += 1
-        if self._depth == 1 and self._loop is not None:
-            self._loop.lock()
+        if self._depth == 0 and self._loop is not None:
+            # A timed acquire waits for a take in progress anyway: takes are short.
+            if not self._loop.lock(blocking):
+                self._rlock.release()
+                return False
             self._held = self._loop
+        self._depth += 1
         return True
 
     def release(self) -> None:
