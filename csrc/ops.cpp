@@ -30,7 +30,7 @@ TORCH_LIBRARY(weightsync, m) {
   m.def("host_register(Tensor buffer) -> ()");
   m.def("host_unregister(Tensor buffer) -> ()");
   // futex(2) on a 1-element int32 tensor, usually inside a shared-memory segment.
-  m.def("futex_wait(Tensor word, int expected, float timeout_s) -> bool");
+  m.def("futex_wait(Tensor word, int expected, float timeout_s, float spin_s=0.0) -> bool");
   m.def("futex_wake(Tensor word, int count) -> int");
   // [max threads, parallel threshold in bytes, chunk bytes] of the host copier.
   m.def("engine_config() -> int[]", &engine_config);

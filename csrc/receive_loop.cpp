@@ -89,6 +89,8 @@ struct Receiver {
   std::atomic<std::int64_t> mapped{-1};
   std::atomic<std::int64_t> applied{0};  // versions this loop applied
   std::atomic<bool> stop{false};
+  // After a take, how long to keep looking for the next offer before sleeping.
+  double spin_s = 0.0;
 
   std::int64_t slot_word(int slot, int field) const {
     return words[kSlotRecords] + kSlotRecord * slot + 8 * field;
@@ -156,12 +158,24 @@ struct Receiver {
     using clock = std::chrono::steady_clock;
     auto moving_since = clock::time_point::min();
     const auto* pub = reinterpret_cast<const std::int32_t*>(words[kPub]);
+    const auto spin_window = std::chrono::duration_cast<clock::duration>(
+        std::chrono::duration<double>(spin_s));
+    // Adaptive spinning: after a take, look for the next offer before sleeping only while
+    // offers come back to back (the last one arrived within the spin window after the take
+    // before it). Spaced updates (a training step between them) never spin: a worker busy
+    // with its own work keeps its core, and nothing is burnt waiting for an offer that is
+    // milliseconds away.
+    bool took = false;
+    bool bursty = true;
+    auto took_at = clock::time_point::min();
     while (true) {
       if (stop.load(std::memory_order_acquire)) return kStopped;
       const std::int32_t seen = load<std::int32_t>(words[kPub]);
       const std::int64_t offer = load<std::int64_t>(words[kOffer]);
       const std::int64_t v = offer >> 8;
       if (v > version.load()) {
+        const auto noticed = clock::now();
+        if (took_at != clock::time_point::min()) bursty = noticed - took_at <= spin_window;
         const Take t = take(v, static_cast<int>(offer & 0xFF));
         if (t == kPython) return kHandBack;
         if (t == kRetry) {
@@ -174,10 +188,14 @@ struct Receiver {
           continue;
         }
         moving_since = clock::time_point::min();
+        took = true;
+        took_at = clock::now();
         continue;
       }
       if (load<std::int64_t>(words[kClosed]) != 0) return kSenderGone;
-      if (!weightsync::core::futex_wait(pub, seen, liveness_s)) {
+      const double spin = took && bursty ? spin_s : 0.0;
+      took = false;
+      if (!weightsync::core::futex_wait(pub, seen, liveness_s, spin)) {
         if (load<std::int64_t>(words[kClosed]) != 0 || !held_by_other(fd, kLockSender)) {
           return kSenderGone;
         }
@@ -191,11 +209,12 @@ Receiver* as_receiver(std::int64_t handle) { return reinterpret_cast<Receiver*>(
 }  // namespace
 
 // Creates the loop's state. `words`: the kWords addresses above; `targets`: per slot, the
-// CopyPlan address (mode 0) or the slot's address (mode 1, with `window` the StorageImpl).
+// CopyPlan address (mode 0) or the slot's address (mode 1, with `window` the StorageImpl);
+// `spin_s`: how long to look for the next offer after a take before sleeping.
 extern "C" std::int64_t weightsync_receiver_new(const std::int64_t* words, int fd, int nslots,
                                                 int mode, const std::int64_t* targets,
                                                 std::int64_t window, std::int64_t version,
-                                                std::int64_t mapped) {
+                                                std::int64_t mapped, double spin_s) {
   if (mode != kModeCopy && mode != kModeWindow) return 0;
   auto* r = new Receiver();
   for (int i = 0; i < kWords; ++i) r->words[i] = words[i];
@@ -206,6 +225,7 @@ extern "C" std::int64_t weightsync_receiver_new(const std::int64_t* words, int f
   r->window = reinterpret_cast<c10::StorageImpl*>(window);
   r->version = version;
   r->mapped = mapped;
+  r->spin_s = spin_s;
   return reinterpret_cast<std::int64_t>(r);
 }
 

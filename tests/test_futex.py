@@ -73,3 +73,17 @@ def test_word_must_be_one_int32_on_cpu():
         futex_wait(torch.zeros(2, dtype=torch.int32), 0, 0.01)
     with pytest.raises(InvalidArgumentError, match="1-element int32 CPU tensor"):
         futex_wake(torch.zeros(1, dtype=torch.int64))
+
+
+def test_spin_sees_a_change_without_a_wake_and_never_extends_the_timeout(backend):
+    if backend != "native":
+        pytest.skip("the spin is part of the native wait")
+    word = torch.zeros(1, dtype=torch.int32)
+    thread = threading.Thread(target=lambda: (time.sleep(0.02), word.fill_(1)))  # no wake
+    thread.start()
+    assert futex_wait(word, 0, 10.0, spin=2.0) is True
+    thread.join(timeout=10)
+    word.fill_(0)
+    start = time.monotonic()
+    assert futex_wait(word, 0, 0.1, spin=5.0) is False
+    assert 0.09 <= time.monotonic() - start < 2.0

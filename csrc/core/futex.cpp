@@ -9,6 +9,8 @@
 #include <chrono>
 #include <climits>
 #include <ctime>
+#include <algorithm>
+#include <sched.h>
 
 #include "weightsync/core.h"
 
@@ -25,12 +27,22 @@ std::int32_t load(const std::int32_t* word) {
 
 }  // namespace
 
-bool futex_wait(const std::int32_t* word, std::int32_t expected, double timeout_s) {
+bool futex_wait(const std::int32_t* word, std::int32_t expected, double timeout_s,
+                double spin_s) {
   using clock = std::chrono::steady_clock;
   const bool forever = timeout_s < 0;
   const auto deadline =
       clock::now() + std::chrono::duration_cast<clock::duration>(
                          std::chrono::duration<double>(forever ? 0.0 : timeout_s));
+  if (spin_s > 0) {
+    const double spin = forever ? spin_s : std::min(spin_s, timeout_s);
+    const auto until = clock::now() + std::chrono::duration_cast<clock::duration>(
+                                          std::chrono::duration<double>(spin));
+    while (clock::now() < until) {
+      if (load(word) != expected) return true;
+      sched_yield();  // a busy neighbour (or the peer we wait for) gets the core
+    }
+  }
   while (true) {
     if (load(word) != expected) return true;
     timespec ts{};

@@ -32,9 +32,10 @@ const std::int32_t* futex_word(const at::Tensor& word, const char* op) {
   return static_cast<const std::int32_t*>(word.data_ptr());
 }
 
-bool futex_wait_cpu(const at::Tensor& word, std::int64_t expected, double timeout_s) {
+bool futex_wait_cpu(const at::Tensor& word, std::int64_t expected, double timeout_s,
+                    double spin_s) {
   const std::int32_t* w = futex_word(word, "futex_wait");
-  return core::futex_wait(w, static_cast<std::int32_t>(expected), timeout_s);
+  return core::futex_wait(w, static_cast<std::int32_t>(expected), timeout_s, spin_s);
 }
 
 std::int64_t futex_wake_cpu(const at::Tensor& word, std::int64_t count) {

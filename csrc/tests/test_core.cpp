@@ -512,6 +512,26 @@ void test_futex_wake_without_change() {
   EXPECT(done.load());
 }
 
+void test_futex_spin_then_sleep() {
+  // A spin shorter than the timeout: a change during the spin is seen; none, and the wait
+  // still ends at the timeout (the spin never extends it).
+  alignas(4) std::int32_t word = 0;
+  auto* atomic_word = reinterpret_cast<std::atomic<std::int32_t>*>(&word);
+  bool woke = false;
+  std::thread waiter([&] { woke = weightsync::core::futex_wait(&word, 0, 10.0, 2.0); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  atomic_word->store(1, std::memory_order_release);  // no wake: only the spin can see it
+  waiter.join();
+  EXPECT_MSG(woke, "futex_wait did not see a change during its spin");
+
+  word = 0;
+  const auto start = Clock::now();
+  EXPECT(!weightsync::core::futex_wait(&word, 0, 0.1, 5.0));
+  const double elapsed = seconds_since(start);
+  EXPECT_MSG(elapsed >= 0.09 && elapsed < 2.0,
+             "futex_wait(0.1 s, spin 5 s) returned after " + std::to_string(elapsed) + " s");
+}
+
 void test_futex_already_different() {
   alignas(4) std::int32_t word = 5;
   const auto start = Clock::now();
@@ -593,6 +613,7 @@ int main(int argc, char** argv) {
       {"futex_value_change_and_wake", test_futex_value_change_and_wake},
       {"futex_wake_without_change", test_futex_wake_without_change},
       {"futex_already_different", test_futex_already_different},
+      {"futex_spin_then_sleep", test_futex_spin_then_sleep},
       {"futex_no_waiters", test_futex_no_waiters},
       {"futex_across_processes", test_futex_across_processes},
   };

@@ -33,14 +33,18 @@ def _check(word: torch.Tensor, op: str) -> None:
                                    f"CPU tensor, got {word!r:.80}")
 
 
-def futex_wait(word: torch.Tensor, expected: int, timeout: float) -> bool:
+def futex_wait(word: torch.Tensor, expected: int, timeout: float, spin: float = 0.0) -> bool:
     """Block while ``word`` holds ``expected``, for at most ``timeout`` seconds.
+
+    ``spin`` (native only): first poll the word for that many seconds, yielding the core,
+    before sleeping; an answer that comes within it costs no sleep and wake-up.
 
     Returns True when the word changed (or a wake arrived), False on timeout.
     """
     _check(word, "futex_wait")
     if native_futex():
-        return bool(torch.ops.weightsync.futex_wait(word, int(expected), float(timeout)))
+        return bool(torch.ops.weightsync.futex_wait(word, int(expected), float(timeout),
+                                                    float(spin)))
     deadline = time.monotonic() + timeout
     sleep = _MIN_SLEEP
     while int(word.item()) == expected:

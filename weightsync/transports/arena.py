@@ -79,6 +79,23 @@ DEFAULT_TIMEOUT = 10.0
 #: How often a long wait looks at whether the other side is still alive, in seconds.
 _LIVENESS_PERIOD = 0.02
 
+
+def spin_seconds(name: str, default_us: int) -> float:
+    """Microseconds from environment variable ``name`` (``default_us`` when unset), in seconds."""
+    value = os.environ.get(name, "").strip()
+    try:
+        return max(0, int(value)) * 1e-6 if value else default_us * 1e-6
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number of microseconds, got {value!r}") from None
+
+
+#: A sync sender waiting for acks first looks at the ack word this long (yielding the core)
+#: before it sleeps, while acks come quickly (the last send's all came within twice this):
+#: idle workers answer within tens of microseconds, and a sleep costs a wake-up as long. Busy
+#: workers answer late; spinning would only take a core they need.
+#: (WEIGHTSYNC_ACK_SPIN_US; 0 turns it off.)
+_ACK_SPIN = spin_seconds("WEIGHTSYNC_ACK_SPIN_US", 100)
+
 _MAGIC = 0x314E455241535357  # b"WSSAREN1", little-endian
 _FORMAT = 2
 _MAX_SLOTS = 255  # the slot index lives in the low byte of an offer word
@@ -110,7 +127,7 @@ _FLOCK = struct.Struct("@hhqqi4x")  # struct flock: l_type, l_whence, l_start, l
 # --------------------------------------------------------------------------------------------
 
 
-def _futex_calls() -> tuple[Callable[[torch.Tensor, int, float], bool], Callable[[torch.Tensor], int]]:
+def _futex_calls() -> tuple[Callable[..., bool], Callable[[torch.Tensor], int]]:
     """(wait, wake) for header words, chosen once per arena.
 
     With the native futex these call the engine's ops directly: the checked wrappers of
@@ -123,8 +140,8 @@ def _futex_calls() -> tuple[Callable[[torch.Tensor, int, float], bool], Callable
     wait_op = torch.ops.weightsync.futex_wait
     wake_op = torch.ops.weightsync.futex_wake
 
-    def wait(word: torch.Tensor, expected: int, timeout: float) -> bool:
-        return bool(wait_op(word, expected, timeout))
+    def wait(word: torch.Tensor, expected: int, timeout: float, spin: float = 0.0) -> bool:
+        return bool(wait_op(word, expected, timeout, spin))
 
     def wake(word: torch.Tensor) -> int:
         return int(wake_op(word, 2**31 - 1))
@@ -358,6 +375,7 @@ class Arena:
         self.worker_ids: list[int] = list(range(self.nworkers))
         self.worker: int | None = None
         self._slot_cursor = 0
+        self._acks_quick = True  # whether the last sync send's acks all came quickly
 
     def _read_header(self, segment: ShmSegment) -> None:
         buf = segment.buffer
@@ -611,7 +629,9 @@ class Arena:
         pending = [w for w in workers if self.acked(w) < version]
         if not pending:
             return
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        spin = _ACK_SPIN if self._acks_quick else 0.0
         dead: set[int] = set()
         q, sleeping = self._q, _H_ACK_SLEEPING // 8
         next_check = time.monotonic() + _LIVENESS_PERIOD
@@ -640,11 +660,13 @@ class Arena:
             # to store reordering and the wait ends after _LIVENESS_PERIOD.
             q[sleeping] = 1
             if self.acked(w) < version:
-                self._wait(self._ack_words[w], seen, min(left, _LIVENESS_PERIOD))
+                self._wait(self._ack_words[w], seen, min(left, _LIVENESS_PERIOD), spin)
             q[sleeping] = 0
         pending = [w for w in workers if self.acked(w) < version]
         if not pending:
+            self._acks_quick = time.monotonic() - started <= 2 * _ACK_SPIN
             return
+        self._acks_quick = False
         ids = self.worker_ids
         alive = {w: (w not in dead) and self.worker_alive(w) for w in pending}
         detail = ", ".join(

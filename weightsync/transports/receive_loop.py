@@ -23,8 +23,16 @@ from typing import Any
 
 from weightsync import _extension
 from weightsync.engine.backends import native_library_active
+from weightsync.transports.arena import spin_seconds
 
 __all__ = ["ReceiverLock", "NativeReceiveLoop", "STOPPED", "SENDER_GONE", "HAND_BACK"]
+
+#: After a take, the loop looks for the next offer this long (yielding the core) before it
+#: sleeps, while offers come back to back (the last came within this long of the take before):
+#: a sync sender then publishes the next version as soon as every worker acked, and waking a
+#: sleeping worker costs tens of microseconds (more on a VM). Spaced updates never spin.
+#: (WEIGHTSYNC_RECEIVE_SPIN_US; 0 turns it off.)
+_RECEIVE_SPIN = spin_seconds("WEIGHTSYNC_RECEIVE_SPIN_US", 300)
 
 #: What :meth:`NativeReceiveLoop.run` returns.
 STOPPED, SENDER_GONE, HAND_BACK = 0, 1, 2
@@ -51,7 +59,7 @@ def _lib() -> Any | None:
         dropping, holding = ctypes.CDLL(path), ctypes.PyDLL(path)
         calls = {
             "weightsync_receiver_new": ([_I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64P,
-                                         _I64, _I64, _I64], _I64),
+                                         _I64, _I64, _I64, ctypes.c_double], _I64),
             "weightsync_receiver_free": ([_I64], None),
             "weightsync_receiver_lock": ([_I64], None),
             "weightsync_receiver_try_lock": ([_I64], ctypes.c_int),
@@ -89,14 +97,16 @@ class NativeReceiveLoop:
     """
 
     def __init__(self, words: list[int], fd: int, mode: int, targets: list[int], *,
-                 window: int = 0, version: int = 0, mapped: int = -1) -> None:
+                 window: int = 0, version: int = 0, mapped: int = -1,
+                 spin: float | None = None) -> None:
         lib = _lib()
         if lib is None:
             raise RuntimeError("the native receive loop is not available")
         self._lib = lib
         n = len(targets)
         self._handle = lib.new(
-            (_I64 * len(words))(*words), fd, n, mode, (_I64 * n)(*targets), window, version, mapped
+            (_I64 * len(words))(*words), fd, n, mode, (_I64 * n)(*targets), window, version,
+            mapped, _RECEIVE_SPIN if spin is None else spin,
         )
         if not self._handle:
             raise RuntimeError(f"weightsync_receiver_new refused mode {mode}")

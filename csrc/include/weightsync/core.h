@@ -82,8 +82,12 @@ constexpr std::size_t align_up(std::size_t n, std::size_t alignment) {
 // futex(2) on a 32-bit word that may live in memory shared between processes (so the
 // non-private variant). Returns true when the word no longer held `expected` or a wake
 // arrived, false when `timeout_s` elapsed first. timeout_s < 0 waits forever (callers in
-// weightsync always pass a finite timeout).
-bool futex_wait(const std::int32_t* word, std::int32_t expected, double timeout_s);
+// weightsync always pass a finite timeout). With spin_s > 0 it first polls the word for that
+// long, yielding the core between looks, and only then sleeps: an answer expected within tens
+// of microseconds then costs no sleep and wake-up (on a VM, waking a halted vCPU alone takes
+// that long).
+bool futex_wait(const std::int32_t* word, std::int32_t expected, double timeout_s,
+                double spin_s = 0.0);
 // Wakes up to `count` waiters on `word`; returns how many were woken.
 int futex_wake(const std::int32_t* word, int count);
 
