@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
@@ -128,6 +128,12 @@ def _extensions() -> tuple[list, dict, dict]:
         ext_cls = cpp_extension.CppExtension
         extra = {"cxx": cxx_flags}
 
+    # The tree-identity walk (weightsync/tree_identity.py): a plain CPython extension, no torch.
+    entries = Extension(
+        name="weightsync._entries",
+        sources=[os.path.join("csrc", "python", "entries.cpp")],
+        extra_compile_args={"cxx": ["-O3"]},
+    )
     ext = ext_cls(
         name="weightsync._C",
         sources=sources,
@@ -146,7 +152,7 @@ def _extensions() -> tuple[list, dict, dict]:
         "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
     }
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}, info
+    return [ext, entries], {"build_ext": build_ext}, info
 
 
 def _write_build_info(info: dict) -> None:

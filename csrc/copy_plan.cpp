@@ -146,6 +146,12 @@ bool CopyPlan::fingerprints_match(const core::CopyOptions& opts) const {
       this, parallel, opts);
 }
 
+void CopyPlan::prepare() const {
+  if (!host_only_) return;
+  const core::CopyOptions opts = host_copy_options();
+  if (nbytes_ >= opts.parallel_min_bytes) core::wake_copy_helpers(opts);  // see run()
+}
+
 void CopyPlan::run(bool non_blocking) {
   // Weight copies are never part of a graph; this also lets parameters that require grad
   // be written outside torch.no_grad().
@@ -161,6 +167,10 @@ void CopyPlan::run(bool non_blocking) {
 }
 
 }  // namespace weightsync
+
+extern "C" void weightsync_plan_prepare(std::int64_t plan) {
+  reinterpret_cast<const weightsync::CopyPlan*>(plan)->prepare();
+}
 
 extern "C" int weightsync_plan_run(std::int64_t plan, int non_blocking, char* error,
                                    std::size_t error_len) {

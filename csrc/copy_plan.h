@@ -23,6 +23,9 @@ class CopyPlan : public torch::CustomClassHolder {
   CopyPlan(std::vector<at::Tensor> dst, std::vector<at::Tensor> src);
 
   void run(bool non_blocking);
+  // A heads-up that run() follows shortly: wakes the copier's parked helpers when the copy
+  // will use them, so their wake-up overlaps the caller's work until then.
+  void prepare() const;
   bool is_valid() const;
   // is_valid() over impls_[begin, end) (dst and src impls, in address order).
   bool is_valid_range(std::size_t begin, std::size_t end) const;
@@ -77,5 +80,7 @@ class CopyPlan : public torch::CustomClassHolder {
 // costs several microseconds (far more with cold caches), more than a small model's whole
 // copy; a C call costs a fraction of one and releases the GIL while bytes move.
 // Returns 0, or 1 with the error message (tag included) in `error`.
+// CopyPlan::prepare through ctypes (never throws).
+extern "C" void weightsync_plan_prepare(std::int64_t plan);
 extern "C" int weightsync_plan_run(std::int64_t plan, int non_blocking, char* error,
                                    std::size_t error_len);

@@ -32,11 +32,32 @@ def _skip_or_fail_native() -> None:
 
 @pytest.fixture(params=["native", "torch"])
 def backend(request, monkeypatch) -> str:
-    """Runs the test once per engine backend, forcing it through WEIGHTSYNC_BACKEND."""
+    """Runs the test once per engine backend, forcing it through WEIGHTSYNC_BACKEND.
+
+    The tree-identity check behind cached plans follows: the compiled walk with ``native``,
+    its pure-Python twin with ``torch``, so both fallbacks are exercised together.
+    """
     if request.param == "native" and not native_loaded():
         _skip_or_fail_native()
     monkeypatch.setenv("WEIGHTSYNC_BACKEND", request.param)
+    monkeypatch.setattr("weightsync.strategy.same_entries", tree_check(
+        "native" if request.param == "native" else "python"))
     return request.param
+
+
+def tree_check(name: str):
+    """The tree-identity check ``name`` (``native`` or ``python``); skips (or fails under
+    WEIGHTSYNC_REQUIRE_NATIVE) when the compiled one is not built."""
+    from weightsync import tree_identity
+
+    if name == "python":
+        return tree_identity.same_entries_python
+    if tree_identity.implementation()["active"] != "native":
+        reason = tree_identity.implementation()["reason"]
+        if os.environ.get("WEIGHTSYNC_REQUIRE_NATIVE", "") not in ("", "0"):
+            pytest.fail(f"compiled tree check required but not active: {reason}")
+        pytest.skip(f"compiled tree check not active: {reason}")
+    return tree_identity.same_entries
 
 
 @pytest.fixture

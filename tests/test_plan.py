@@ -143,3 +143,16 @@ def test_plan_notices_a_reshape_beyond_five_dimensions(backend):
     dst[0].data = dst[0].data.view(1, 1, 1, 1, 3, 4)
     with pytest.raises(ShapeMismatchError, match=r"index 0: dst shape \[1, 1, 1, 1, 3, 4\]"):
         plan.run()
+
+
+def test_prepare_is_only_a_heads_up(backend):
+    # Big enough for the native copier's helper threads, which prepare() wakes.
+    dst = [torch.zeros(1 << 18) for _ in range(3)]
+    src = [torch.randn(1 << 18) for _ in range(3)]
+    plan = CopyPlan(dst, src)
+    plan.prepare()
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in dst)  # nothing copied yet
+    plan.prepare()
+    plan.run()
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
+    assert plan.rebuilds == 0

@@ -44,6 +44,7 @@ from weightsync.errors import (
     ShapeMismatchError,
     WeightSyncError,
 )
+from weightsync.tree_identity import expect, same_entries
 
 __all__ = ["WeightStrategy", "UnsupportedWeightsError", "EXTRA_STATE_KEY"]
 
@@ -288,6 +289,10 @@ def _name_plan_indices(exc: WeightSyncError, keys: list[Key]) -> WeightSyncError
 # ---------------------------------------------------------------------------------------------
 
 
+_TD_DICTS = ("_tensordict",)
+_MODULE_DICTS = ("_modules", "_parameters", "_buffers")
+
+
 class _LockedSnapshot:
     """A locked TensorDict: tensordict builds a fresh schema object at every ``lock_()`` and
     drops it at ``unlock_()``, and a locked tree (sub-trees included) can neither gain, lose
@@ -302,80 +307,28 @@ class _LockedSnapshot:
         return td.__dict__.get("_locked_schema") is self.schema
 
 
-_COMPARABLE_TYPES = (torch.Tensor, nn.Parameter, TensorDict)
-
-
-class _SameObjects:
-    """Tests that a container still holds the very objects it held, in the same order.
-
-    It keeps the objects (so their ids cannot be reused while it lives). The test costs a few
-    nanoseconds per object and does no per-object Python work:
-
-    - Fast form, when every object is a tensor (exact type ``Tensor`` or ``Parameter``) with
-      other than one element, or a plain TensorDict: compare the lists of types, then the
-      lists of objects. List equality tests identity first, so identical lists never call
-      ``__eq__``. A different object of the same type makes ``__eq__`` return a tensor of
-      several (or zero) elements, or a TensorDict, whose truth value raises: that is caught and
-      means "changed". Nothing can compare equal without being the same object.
-    - Otherwise (one-element tensors, non-tensor data): compare the lists of ids.
-
-    ``parameters=True`` (a module's ``_parameters``, which only ever holds ``Parameter`` or
-    ``None``: ``Module.__setattr__`` refuses anything else) skips the type comparison.
-    """
-
-    __slots__ = ("objects", "types", "check_types", "ids", "skip")
-
-    def __init__(self, objects: list[Any], skip: int = -1, parameters: bool = False) -> None:
-        self.objects = objects
-        self.skip = skip  # a position not compared (the extra-state entry), or -1
-        fast = skip < 0 and all(
-            type(o) in _COMPARABLE_TYPES and (type(o) is TensorDict or o.numel() != 1)
-            for o in objects
-        )
-        self.check_types = not parameters
-        self.types = list(map(type, objects)) if fast else None
-        self.ids = None if fast else self._ids(objects)
-
-    def _ids(self, objects: list[Any]) -> list[int]:
-        ids = list(map(id, objects))
-        if 0 <= self.skip < len(ids):
-            ids[self.skip] = 0
-        return ids
-
-    def matches(self, objects: list[Any]) -> bool:
-        if self.types is None:
-            return self._ids(objects) == self.ids
-        if self.check_types and list(map(type, objects)) != self.types:
-            return False
-        try:
-            return self.objects == objects
-        except Exception:  # a different object was compared: see the class docs
-            return False
-
-
 class _WalkSnapshot:
-    """An unlocked TensorDict: every container's keys and values (see :class:`_SameObjects`).
+    """An unlocked TensorDict: every node's keys and values (see :mod:`weightsync.tree_identity`).
 
     It holds the sub-trees and values but not the root (the cache holds roots weakly). Values
     under ``__extra_state__`` are not compared: they are re-read at every update anyway.
     """
 
-    __slots__ = ("nodes", "keys", "values")
+    __slots__ = ("nodes", "expected")
 
     def __init__(self, td: TensorDict) -> None:
         self.nodes: list[TensorDict] = []  # the sub-trees; the root is passed to unchanged()
-        self.keys: list[list[str]] = []
-        self.values: list[_SameObjects] = []
+        expected = []
         stack = [td]
         while stack:
             node = stack.pop()
             d = node._tensordict
-            keys = list(d)
             if node is not td:
                 self.nodes.append(node)
-            self.keys.append(keys)
-            skip = keys.index(EXTRA_STATE_KEY) if EXTRA_STATE_KEY in d else -1
-            self.values.append(_SameObjects(list(d.values()), skip))
+            try:
+                expected.append(expect(d, skip_key=EXTRA_STATE_KEY))
+            except TypeError:
+                raise UncacheableTree from None
             for k, v in d.items():
                 if k == EXTRA_STATE_KEY:
                     continue
@@ -383,54 +336,37 @@ class _WalkSnapshot:
                     stack.append(v)
                 elif isinstance(v, TensorDictBase):
                     raise UncacheableTree
+        self.expected = tuple(expected)
 
     def unchanged(self, td: Any) -> bool:
-        for node, keys, values in zip((td, *self.nodes), self.keys, self.values):
-            d = node._tensordict
-            if list(d) != keys or not values.matches(list(d.values())):
-                return False
-        return True
+        return same_entries((td, *self.nodes), _TD_DICTS, self.expected)
 
 
 class _ModuleSnapshot:
-    """A module: per submodule, its identity, child names, and parameters and buffers.
+    """A module: per submodule, its children, parameters and buffers.
 
     Submodules are held weakly (one may point back at the root, which must stay
-    collectable); parameters and buffers strongly, through :class:`_SameObjects`.
+    collectable); parameters and buffers strongly. Checking every module's children from the
+    root down also proves that ``module.modules()`` still yields the same modules.
     """
 
-    __slots__ = ("modules", "names", "params", "buffers")
+    __slots__ = ("modules", "expected")
 
     def __init__(self, module: nn.Module) -> None:
-        self.modules: list[weakref.ReferenceType] = []
-        self.names: list[list[str]] = []
-        self.params: list[tuple[list[str], _SameObjects]] = []
-        self.buffers: list[tuple[list[str], _SameObjects]] = []
-        for m in module.modules():
-            self.modules.append(weakref.ref(m))
-            self.names.append(list(m._modules))
-            self.params.append((list(m._parameters),
-                                _SameObjects(list(m._parameters.values()), parameters=True)))
-            self.buffers.append((list(m._buffers), _SameObjects(list(m._buffers.values()))))
+        modules = list(module.modules())
+        self.modules = tuple(weakref.ref(m) for m in modules)
+        try:
+            self.expected = tuple(
+                expect(getattr(m, name), weak=name == "_modules")
+                for m in modules
+                for name in _MODULE_DICTS
+            )
+        except TypeError:
+            raise UncacheableTree from None
 
     def unchanged(self, module: Any) -> bool:
-        count = 0
-        for i, m in enumerate(module.modules()):
-            if i >= len(self.modules) or self.modules[i]() is not m:
-                return False
-            params, buffers = m._parameters, m._buffers
-            pkeys, pvalues = self.params[i]
-            bkeys, bvalues = self.buffers[i]
-            if (
-                list(m._modules) != self.names[i]
-                or list(params) != pkeys
-                or list(buffers) != bkeys
-                or not pvalues.matches(list(params.values()))
-                or not bvalues.matches(list(buffers.values()))
-            ):
-                return False
-            count = i + 1
-        return count == len(self.modules)
+        return self.modules[0]() is module and same_entries(self.modules, _MODULE_DICTS,
+                                                            self.expected)
 
 
 class UncacheableTree(Exception):
@@ -700,6 +636,8 @@ class WeightStrategy:
         entry = self._destinations.get(id(destination))
         if entry is not None and entry.ref() is destination:
             binding = entry.bindings.get(id(weights))
+            if binding is not None and binding.plan is not None:
+                binding.plan.prepare()  # its helper threads wake while the trees are checked
             if (
                 binding is not None
                 and binding.src_ref is not None

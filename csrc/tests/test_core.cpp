@@ -261,6 +261,20 @@ void test_copy_waits_for_helpers() {
                                                      "copy_spans returned");
 }
 
+// wake_copy_helpers is only a heads-up: whether the helpers are parked, spinning or have no
+// pool at all, the copies that follow are exact, and a single-thread caller starts no pool.
+void test_wake_helpers_then_copy() {
+  weightsync::core::wake_copy_helpers(single_thread());
+  for (int round = 0; round < 3; ++round) {
+    // Long enough for the helpers to park after the previous copy (they spin for spin_us).
+    std::this_thread::sleep_for(std::chrono::milliseconds(round == 0 ? 0 : 5));
+    weightsync::core::wake_copy_helpers(threaded());
+    weightsync::core::wake_copy_helpers(threaded());  // twice: the second finds them awake
+    check_copy_all_modes({300000, 5, 70000, 1 << 20}, 3, 1, 700 + round,
+                         "copy after wake, round " + std::to_string(round));
+  }
+}
+
 void test_copy_chunk_bytes_zero() {
   // A zero chunk size is meaningless; it must still copy (and not loop forever).
   check_copy({10, 5000}, threaded(0), 0, 0, 91, "chunk_bytes = 0");
@@ -597,6 +611,7 @@ int main(int argc, char** argv) {
       {"copy_concurrent_callers", test_copy_concurrent_callers},
       {"copy_waits_for_helpers", test_copy_waits_for_helpers},
       {"copy_chunk_bytes_zero", test_copy_chunk_bytes_zero},
+      {"wake_helpers_then_copy", test_wake_helpers_then_copy},
       {"all_of_empty_and_small", test_all_of_empty_and_small},
       {"all_of_visits_every_item_once_when_all_pass", test_all_of_visits_every_item_once_when_all_pass},
       {"all_of_finds_one_failure_anywhere", test_all_of_finds_one_failure_anywhere},

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from weightsync import _extension
+from weightsync import _extension, tree_identity
 from weightsync.engine.cupy_backend import CupyBackend, cupy_unavailable_reason
 from weightsync.engine.native_backend import NativeBackend
 from weightsync.engine.torch_backend import TorchBackend
@@ -148,6 +148,8 @@ def backend_info() -> dict[str, Any]:
             "build": status.build_info,
         },
         "runtime": {"torch": torch.__version__, "torch_cuda": torch.version.cuda},
+        # The walk that tells whether a cached plan's weight tree still holds its tensors.
+        "tree_check": tree_identity.implementation(),
         "devices": {},
     }
     if status.loaded:

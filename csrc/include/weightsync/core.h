@@ -50,6 +50,14 @@ inline void copy_spans(const std::vector<CopySpan>& spans, const CopyOptions& op
   copy_spans(spans.data(), spans.size(), opts);
 }
 
+// A heads-up that a threaded copy_spans (or parallel all_of) follows shortly: helper threads
+// still spinning after their last job keep spinning for opts.spin_us from now, and parked ones
+// wake now and look for work that long before they park again. Waking a parked thread takes
+// tens of microseconds on a VM, as long as a small threaded copy; a caller with other work to
+// do first (Python checks of its inputs) lets that wake-up overlap it. Costs a clock read and
+// an atomic store when no helper is parked.
+void wake_copy_helpers(const CopyOptions& opts);
+
 // A read-only test of the items [begin, end) of some list; true when they all pass.
 using RangeCheck = bool (*)(const void* context, std::size_t begin, std::size_t end);
 

@@ -1,0 +1,153 @@
+// weightsync._entries: has a tree of dicts kept the very objects it held?
+//
+// weightsync caches what it derives from a weight tree (a TensorDict's nested dicts, a
+// module's _modules/_parameters/_buffers) and must notice, on every sync, an entry that was
+// added, removed, renamed or given another object. Python spends 10-25 ns per entry on that
+// (list building, type checks that keep foreign __eq__ out); this walk compares pointers, a
+// few ns per entry, and runs no Python code of the keys and values it compares. A plain CPython
+// extension (no torch): weightsync/tree_identity.py keeps a pure-Python twin with the same
+// contract for installs without compiled code.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+namespace {
+
+// A new reference to what `ref` refers to (nullptr when it died), or to `obj` itself when it
+// is not a weak reference.
+PyObject* resolve(PyObject* obj) {
+  if (!PyWeakref_CheckRefExact(obj)) {
+    Py_INCREF(obj);
+    return obj;
+  }
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject* target = nullptr;
+  if (PyWeakref_GetRef(obj, &target) < 0) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  return target;  // nullptr when dead
+#else
+  PyObject* target = PyWeakref_GetObject(obj);  // borrowed; Py_None when dead
+  if (target == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  if (target == Py_None) return nullptr;
+  Py_INCREF(target);
+  return target;
+#endif
+}
+
+// Whether dict `d` holds exactly `keys` -> `values`, in that order. Keys match when they are
+// the same object or equal exact strs (a re-inserted key string); values must be the same
+// object (`weak`: the object a weak reference in `values` refers to), except at position
+// `skip` (-1: none), whose value is not compared.
+bool same_dict(PyObject* d, PyObject* keys, PyObject* values, bool weak, Py_ssize_t skip) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(keys);
+  if (!PyDict_CheckExact(d) || PyDict_GET_SIZE(d) != n || PyTuple_GET_SIZE(values) != n) {
+    return false;
+  }
+  Py_ssize_t pos = 0;
+  PyObject* key = nullptr;
+  PyObject* value = nullptr;
+  for (Py_ssize_t i = 0; PyDict_Next(d, &pos, &key, &value); ++i) {
+    if (i >= n) return false;
+    PyObject* want_key = PyTuple_GET_ITEM(keys, i);
+    if (key != want_key) {
+      if (!PyUnicode_CheckExact(key) || !PyUnicode_CheckExact(want_key)) return false;
+      // Comparing two exact strs runs no user code and cannot fail.
+      if (PyUnicode_Compare(key, want_key) != 0) return false;
+    }
+    if (i == skip) continue;
+    PyObject* want = PyTuple_GET_ITEM(values, i);
+    if (weak && want != Py_None) {
+      PyObject* target = resolve(want);
+      Py_XDECREF(target);  // only its address is compared
+      if (target == nullptr || target != value) return false;
+    } else if (want != value) {
+      return false;
+    }
+  }
+  return true;
+}
+
+PyObject* same_entries(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1]) ||
+      !PyTuple_Check(args[2])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "same_entries(owners: tuple, names: tuple, expected: tuple)");
+    return nullptr;
+  }
+  PyObject* owners = args[0];
+  PyObject* names = args[1];
+  PyObject* expected = args[2];
+  const Py_ssize_t n_owners = PyTuple_GET_SIZE(owners);
+  const Py_ssize_t n_names = PyTuple_GET_SIZE(names);
+  if (PyTuple_GET_SIZE(expected) != n_owners * n_names) {
+    PyErr_Format(PyExc_ValueError, "expected holds %zd entries, owners x names is %zd",
+                 PyTuple_GET_SIZE(expected), n_owners * n_names);
+    return nullptr;
+  }
+  for (Py_ssize_t k = 0; k < n_owners * n_names; ++k) {
+    PyObject* item = PyTuple_GET_ITEM(expected, k);
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(item, 0)) || !PyTuple_Check(PyTuple_GET_ITEM(item, 1)) ||
+        !PyBool_Check(PyTuple_GET_ITEM(item, 2)) || !PyLong_Check(PyTuple_GET_ITEM(item, 3))) {
+      PyErr_Format(PyExc_TypeError,
+                   "expected[%zd] must be a (keys: tuple, values: tuple, weak: bool, skip: int) "
+                   "tuple", k);
+      return nullptr;
+    }
+  }
+  for (Py_ssize_t o = 0; o < n_owners; ++o) {
+    PyObject* owner = resolve(PyTuple_GET_ITEM(owners, o));
+    if (owner == nullptr) Py_RETURN_FALSE;
+    for (Py_ssize_t a = 0; a < n_names; ++a) {
+      PyObject* d = PyObject_GetAttr(owner, PyTuple_GET_ITEM(names, a));
+      if (d == nullptr) {  // an owner without the attribute is not the tree it was
+        PyErr_Clear();
+        Py_DECREF(owner);
+        Py_RETURN_FALSE;
+      }
+      PyObject* item = PyTuple_GET_ITEM(expected, o * n_names + a);
+      const Py_ssize_t skip = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 3));
+      if (skip == -1 && PyErr_Occurred()) {
+        Py_DECREF(d);
+        Py_DECREF(owner);
+        return nullptr;
+      }
+      const bool same = same_dict(d, PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1),
+                                  PyTuple_GET_ITEM(item, 2) == Py_True, skip);
+      Py_DECREF(d);
+      if (!same) {
+        Py_DECREF(owner);
+        Py_RETURN_FALSE;
+      }
+    }
+    Py_DECREF(owner);
+  }
+  Py_RETURN_TRUE;
+}
+
+PyMethodDef methods[] = {
+    {"same_entries", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_entries)),
+     METH_FASTCALL,
+     "same_entries(owners, names, expected) -> bool\n\n"
+     "For every owner (an object, or a weak reference to one) and attribute name, in order:\n"
+     "getattr(owner, name) is an exact dict whose entries are, in order, expected[k] =\n"
+     "(keys, values, weak, skip): keys the same objects or equal strs, values the same\n"
+     "objects (weak: the objects the weak references in values refer to; None matches\n"
+     "None), the value at position skip (-1: none) not compared. False as soon as one\n"
+     "differs or an owner died. Runs no code of the compared keys and values."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_entries",
+    "Pointer-identity checks of dict trees (see weightsync/tree_identity.py).", -1, methods,
+    nullptr, nullptr, nullptr, nullptr,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__entries() { return PyModule_Create(&module_def); }

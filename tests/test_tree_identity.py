@@ -1,0 +1,170 @@
+"""The tree-identity check (weightsync.tree_identity): the compiled walk and its Python twin
+give the same answers, compare identities only, and never run a compared value's __eq__."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import tree_check
+from tensordict import TensorDict
+from torch import nn
+
+from weightsync import tree_identity
+from weightsync.tree_identity import expect
+
+
+@pytest.fixture(params=["native", "python"])
+def same_entries(request):
+    return tree_check(request.param)
+
+
+class _Owner:
+    def __init__(self, **dicts) -> None:
+        self.__dict__.update(dicts)
+
+
+class _EqualsEverything:
+    """A value whose __eq__ says yes to anything and records that it ran."""
+
+    calls = 0
+
+    def __eq__(self, other: object) -> bool:
+        type(self).calls += 1
+        return True
+
+    __hash__ = object.__hash__
+
+
+def test_unchanged_dicts_match(same_entries):
+    a, b = torch.ones(3), torch.zeros(2)
+    owner = _Owner(d={"a": a, "b": b}, e={})
+    expected = (expect(owner.d), expect(owner.e))
+    assert same_entries((owner,), ("d", "e"), expected)
+    assert same_entries((owner, owner), ("d",), (expected[0], expected[0]))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["replace", "equal_tensor", "add", "remove", "rename", "reorder", "rebind_dict"],
+)
+def test_every_change_is_seen(same_entries, change):
+    a, b = torch.ones(1), torch.zeros(1)  # one element: a copy would compare equal
+    owner = _Owner(d={"a": a, "b": b})
+    expected = expect(owner.d)
+    d = owner.d
+    if change == "replace":
+        d["a"] = torch.ones(3)
+    elif change == "equal_tensor":
+        d["a"] = a.clone()
+    elif change == "add":
+        d["c"] = a
+    elif change == "remove":
+        del d["b"]
+    elif change == "rename":
+        d["c"] = d.pop("b")
+    elif change == "reorder":
+        d["a"] = d.pop("a")
+    else:
+        owner.d = {"a": a, "b": torch.zeros(1)}
+    assert not same_entries((owner,), ("d",), (expected,))
+
+
+def test_values_are_compared_by_identity_only(same_entries):
+    _EqualsEverything.calls = 0
+    first = _EqualsEverything()
+    owner = _Owner(d={"x": first})
+    expected = expect(owner.d)
+    assert same_entries((owner,), ("d",), (expected,))
+    owner.d["x"] = _EqualsEverything()  # equal by __eq__, but another object
+    assert not same_entries((owner,), ("d",), (expected,))
+    assert _EqualsEverything.calls == 0
+
+
+def test_an_equal_key_string_matches(same_entries):
+    key = "".join(["we", "ight"])  # a str object other than the literal
+    value = torch.ones(2)
+    owner = _Owner(d={key: value})
+    expected = expect(owner.d)
+    owner.d = {"weight": value}
+    assert same_entries((owner,), ("d",), (expected,))
+
+
+def test_skip_key_is_not_compared(same_entries):
+    owner = _Owner(d={"a": torch.ones(2), "__extra_state__": 1, "b": torch.ones(2)})
+    expected = expect(owner.d, skip_key="__extra_state__")
+    owner.d["__extra_state__"] = 2
+    assert same_entries((owner,), ("d",), (expected,))
+    owner.d["b"] = torch.ones(2)
+    assert not same_entries((owner,), ("d",), (expected,))
+
+
+def test_weak_values_and_owners(same_entries):
+    child, other = nn.Linear(2, 2), nn.Linear(2, 2)
+    owner = _Owner(d={"child": child, "empty": None})
+    expected = expect(owner.d, weak=True)
+    assert isinstance(expected[1][0], weakref.ref) and expected[1][1] is None
+    ref = weakref.ref(owner)
+    assert same_entries((ref,), ("d",), (expected,))
+    owner.d["child"] = other
+    assert not same_entries((ref,), ("d",), (expected,))
+    owner.d["child"] = child
+    del owner
+    gc.collect()
+    assert not same_entries((ref,), ("d",), (expected,))  # the owner died
+
+
+def test_a_dead_weak_value_matches_nothing(same_entries):
+    child = nn.Linear(2, 2)
+    owner = _Owner(d={"child": child})
+    expected = expect(owner.d, weak=True)
+    owner.d["child"] = None
+    del child
+    gc.collect()
+    assert not same_entries((owner,), ("d",), (expected,))
+
+
+def test_missing_attribute_and_other_dict_types(same_entries):
+    owner = _Owner(d={"a": 1})
+    expected = expect(owner.d)
+    assert not same_entries((owner,), ("missing",), (expected,))
+    owner.d = type("MyDict", (dict,), {})(a=1)
+    assert not same_entries((owner,), ("d",), (expected,))
+
+
+def test_malformed_expectations_raise(same_entries):
+    owner = _Owner(d={})
+    with pytest.raises(ValueError, match="owners x names"):
+        same_entries((owner,), ("d", "e"), (expect(owner.d),))
+
+
+def test_expect_refuses_what_cannot_be_compared_exactly():
+    with pytest.raises(TypeError, match="not a plain dict"):
+        expect(type("MyDict", (dict,), {})())
+    with pytest.raises(TypeError, match="not a str"):
+        expect({1: torch.ones(1)})
+
+
+def test_tensordict_and_module_trees(same_entries):
+    td = TensorDict({"a": torch.ones(2), "sub": {"b": torch.zeros(3)}})
+    nodes = (td, td["sub"])
+    expected = tuple(expect(n._tensordict) for n in nodes)
+    assert same_entries(nodes, ("_tensordict",), expected)
+    td["sub", "b"] = torch.zeros(3)
+    assert not same_entries(nodes, ("_tensordict",), expected)
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+    names = ("_modules", "_parameters", "_buffers")
+    mods = tuple(weakref.ref(m) for m in net.modules())
+    expected = tuple(expect(getattr(m(), n), weak=n == "_modules") for m in mods for n in names)
+    assert same_entries(mods, names, expected)
+    net[0].weight = nn.Parameter(torch.zeros(2, 2))
+    assert not same_entries(mods, names, expected)
+
+
+def test_implementation_reports_the_active_check():
+    info = tree_identity.implementation()
+    assert info["active"] in ("native", "python")
+    assert (info["reason"] is None) == (info["active"] == "native")
