@@ -69,10 +69,19 @@ inline void prefetch_storage(const c10::TensorImpl* impl) {
 
 }  // namespace
 
-CopyPlan::CopyPlan(std::vector<at::Tensor> dst, std::vector<at::Tensor> src)
-    : dst_(std::move(dst)), src_(std::move(src)) {
+CopyPlan::CopyPlan(std::vector<at::Tensor> dst, std::vector<at::Tensor> src,
+                   std::int64_t parallel_min_bytes)
+    : dst_(std::move(dst)),
+      src_(std::move(src)),
+      parallel_min_bytes_(static_cast<std::size_t>(std::max<std::int64_t>(0, parallel_min_bytes))) {
   rebuild();
   rebuilds_ = 0;
+}
+
+core::CopyOptions CopyPlan::copy_options() const {
+  core::CopyOptions opts = host_copy_options();  // one read of torch's thread count
+  opts.parallel_min_bytes = std::max(opts.parallel_min_bytes, parallel_min_bytes_);
+  return opts;
 }
 
 void CopyPlan::rebuild() {
@@ -130,7 +139,7 @@ bool CopyPlan::is_valid_range(std::size_t begin, std::size_t end) const {
   return true;
 }
 
-bool CopyPlan::is_valid() const { return fingerprints_match(host_copy_options()); }
+bool CopyPlan::is_valid() const { return fingerprints_match(copy_options()); }
 
 bool CopyPlan::fingerprints_match(const core::CopyOptions& opts) const {
   // Long lists share the check with the copier's helper threads when the copy will use them
@@ -148,7 +157,7 @@ bool CopyPlan::fingerprints_match(const core::CopyOptions& opts) const {
 
 void CopyPlan::prepare() const {
   if (!host_only_) return;
-  const core::CopyOptions opts = host_copy_options();
+  const core::CopyOptions opts = copy_options();
   if (nbytes_ >= opts.parallel_min_bytes) core::wake_copy_helpers(opts);  // see run()
 }
 
@@ -156,7 +165,7 @@ void CopyPlan::run(bool non_blocking) {
   // Weight copies are never part of a graph; this also lets parameters that require grad
   // be written outside torch.no_grad().
   c10::AutoGradMode no_grad(false);
-  const core::CopyOptions opts = host_copy_options();  // one read of torch's thread count
+  const core::CopyOptions opts = copy_options();
   if (!fingerprints_match(opts)) rebuild();
   if (!host_only_) {
     dispatch_batched_copy(dst_, src_, non_blocking);

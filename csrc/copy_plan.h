@@ -20,7 +20,11 @@ namespace weightsync {
 
 class CopyPlan : public torch::CustomClassHolder {
  public:
-  CopyPlan(std::vector<at::Tensor> dst, std::vector<at::Tensor> src);
+  // parallel_min_bytes > 0 raises the copier's threading threshold for this plan: a caller
+  // whose other cores are taken (a shared-memory sender beside its spinning workers) copies
+  // small payloads on its own thread; 0 keeps the process default.
+  CopyPlan(std::vector<at::Tensor> dst, std::vector<at::Tensor> src,
+           std::int64_t parallel_min_bytes = 0);
 
   void run(bool non_blocking);
   // A heads-up that run() follows shortly: wakes the copier's parked helpers when the copy
@@ -39,6 +43,8 @@ class CopyPlan : public torch::CustomClassHolder {
   std::int64_t address() const { return reinterpret_cast<std::int64_t>(this); }
 
  private:
+  // The copier's options for this plan (torch's thread cap, this plan's threshold).
+  core::CopyOptions copy_options() const;
   // is_valid() with the copier options of this call (run() reads them once for both uses).
   bool fingerprints_match(const core::CopyOptions& opts) const;
   // What a reallocation or a new view changes: `param.data = x` and resize_ swap the storage
@@ -70,6 +76,7 @@ class CopyPlan : public torch::CustomClassHolder {
   std::vector<core::CopySpan> spans_;
   std::vector<std::size_t> strided_;  // host pairs that need at::Tensor::copy_
   std::size_t nbytes_ = 0;
+  std::size_t parallel_min_bytes_ = 0;
   bool host_only_ = false;
   std::int64_t rebuilds_ = 0;
 };

@@ -36,7 +36,8 @@ TORCH_LIBRARY(weightsync, m) {
   m.def("engine_config() -> int[]", &engine_config);
 
   m.class_<CopyPlan>("CopyPlan")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::int64_t>(), "",
+           {torch::arg("dst"), torch::arg("src"), torch::arg("parallel_min_bytes") = 0})
       .def("run", &CopyPlan::run, "", {torch::arg("non_blocking") = false})
       .def("is_valid", &CopyPlan::is_valid)
       .def("rebuild", &CopyPlan::rebuild)

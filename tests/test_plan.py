@@ -156,3 +156,17 @@ def test_prepare_is_only_a_heads_up(backend):
     plan.run()
     assert all(torch.equal(d, s) for d, s in zip(dst, src))
     assert plan.rebuilds == 0
+
+
+def test_a_plan_may_raise_its_threading_threshold(backend):
+    # Above the process default (256 KiB), below the plan's own threshold: one thread; the
+    # bytes are the same either way.
+    dst = [torch.zeros(1 << 17) for _ in range(4)]
+    src = [torch.randn(1 << 17) for _ in range(4)]
+    for threshold in (0, 1 << 30):
+        for d in dst:
+            d.zero_()
+        plan = CopyPlan(dst, src, parallel_min_bytes=threshold)
+        plan.prepare()
+        plan.run()
+        assert all(torch.equal(d, s) for d, s in zip(dst, src))

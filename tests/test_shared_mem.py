@@ -1208,3 +1208,13 @@ def test_receiver_lock_holds_the_native_loop_mutex():
         loop.unlock()
         assert lock.acquire(blocking=False)
         lock.release()
+
+
+def test_a_sender_without_a_core_to_spare_writes_small_payloads_on_one_thread(monkeypatch):
+    from weightsync.transports import shared_mem as transport
+
+    monkeypatch.setattr(transport.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert transport._sender_parallel_min_bytes(workers=1) == 2 << 20
+    assert transport._sender_parallel_min_bytes(workers=4) == 2 << 20
+    monkeypatch.setattr(transport.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert transport._sender_parallel_min_bytes(workers=2) == 0

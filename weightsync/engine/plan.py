@@ -82,9 +82,10 @@ _ERROR_LEN = 4096
 
 
 class _NativePlan:
-    def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor],
+                 parallel_min_bytes: int) -> None:
         try:
-            self._plan = torch.classes.weightsync.CopyPlan(dst, src)
+            self._plan = torch.classes.weightsync.CopyPlan(dst, src, parallel_min_bytes)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise translate_native_error(exc) from None
         self._address = self._plan.address()
@@ -111,6 +112,9 @@ class CopyPlan:
     Args:
         dst: destination tensors (written in place).
         src: source tensors, same dtypes and shapes as ``dst``.
+        parallel_min_bytes: native host copies only: copy on the calling thread alone unless
+            the payload is at least this big (and the process-wide threshold,
+            ``WEIGHTSYNC_PARALLEL_MIN_BYTES``). For callers whose other cores are likely busy.
 
     Raises:
         The typed errors of :func:`weightsync.ops.batched_copy_`, at construction and at a
@@ -120,14 +124,15 @@ class CopyPlan:
     (``param.data = ...``): the next ``run()`` notices and rebuilds (see ``rebuilds``).
     """
 
-    def __init__(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    def __init__(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], *,
+                 parallel_min_bytes: int = 0) -> None:
         dst, src = list(dst), list(src)
         backend = backend_for((*dst, *src))
         self.backend: str = backend.name
         self.nbytes: int = sum(nbytes_of(t) for t in dst)
         self._len = len(dst)
         if backend.name == "native":
-            self._impl: _NativePlan | _PythonPlan = _NativePlan(dst, src)
+            self._impl: _NativePlan | _PythonPlan = _NativePlan(dst, src, parallel_min_bytes)
         else:
             self._impl = _PythonPlan(backend, dst, src)
 
