@@ -493,3 +493,18 @@ def test_materialize_meta_keeps_kinds_ties_and_real_tensors():
     source.extra = nn.Linear(2, 2)
     WeightStrategy("tensordict").apply_weights(model, source)  # now an ordinary destination
     assert torch.equal(model.b.weight.detach(), source.a.weight.detach())
+
+
+def test_a_module_with_an_unusual_parameter_dict_is_extracted_without_caching(backend):
+    from collections import OrderedDict
+
+    strategy = WeightStrategy()
+    src, dst = make_net(0), make_net(1)
+    object.__setattr__(src[0], "_parameters", OrderedDict(src[0]._parameters))
+    for _ in range(2):
+        strategy.apply_weights(dst, src)
+        assert torch.equal(dst[0].weight, src[0].weight)
+    assert strategy._extracted == {}
+    src[0].weight.data.add_(1)
+    strategy.apply_weights(dst, src)
+    assert torch.equal(dst[0].weight, src[0].weight)

@@ -572,9 +572,13 @@ class WeightStrategy:
             _set_extra(td, path, sub.get_extra_state())
         if not extra_modules:
             td.lock_()
+        try:
+            snapshot = _ModuleSnapshot(module)
+        except UncacheableTree:  # a module keeping its tensors in other than plain dicts
+            self._extracted.pop(id(module), None)
+            return td
         ref = weakref.ref(module, _dropper(self._extracted, id(module), "ref"))
-        self._extracted[id(module)] = _ExtractEntry(ref, _ModuleSnapshot(module), td,
-                                                    extra_modules)
+        self._extracted[id(module)] = _ExtractEntry(ref, snapshot, td, extra_modules)
         return td
 
     # -- application ---------------------------------------------------------------------------

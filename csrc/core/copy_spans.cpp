@@ -214,10 +214,10 @@ class Pool {
   // Spin, then park. Syncs tend to come in bursts (one per tensor group, one per worker), and
   // a parked thread takes tens of microseconds to wake: longer than a whole small copy
   // (measured on a 2-core KVM guest: 30 us after 10 us parked, 55-60 us after 50 us or more,
-  // as the idle vCPU sleeps deeper). A
-  // helper therefore spins (yielding the core, so a busy neighbour loses nothing) for a short
-  // while after each job before it parks. A helper that arrives late costs nothing: the
-  // caller never waits for a chunk nobody took.
+  // as the idle vCPU sleeps deeper). A helper therefore spins (yielding the core, so a busy
+  // neighbour loses nothing) for a short while after each job, or after a wake(), before it
+  // parks. A helper that arrives late costs nothing: the caller never waits for a chunk
+  // nobody took.
   void loop(std::size_t participant) {
     std::uint64_t seen = generation_.load(std::memory_order_acquire);
     while (true) {
