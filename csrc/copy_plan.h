@@ -87,7 +87,8 @@ class CopyPlan : public torch::CustomClassHolder {
 // costs several microseconds (far more with cold caches), more than a small model's whole
 // copy; a C call costs a fraction of one and releases the GIL while bytes move.
 // Returns 0, or 1 with the error message (tag included) in `error`.
-// CopyPlan::prepare through ctypes (never throws).
-extern "C" void weightsync_plan_prepare(std::int64_t plan);
 extern "C" int weightsync_plan_run(std::int64_t plan, int non_blocking, char* error,
                                    std::size_t error_len);
+
+// CopyPlan::prepare through ctypes (never throws).
+extern "C" void weightsync_plan_prepare(std::int64_t plan);

@@ -1218,3 +1218,12 @@ def test_a_sender_without_a_core_to_spare_writes_small_payloads_on_one_thread(mo
     assert transport._sender_parallel_min_bytes(workers=4) == 2 << 20
     monkeypatch.setattr(transport.os, "sched_getaffinity", lambda pid: set(range(16)))
     assert transport._sender_parallel_min_bytes(workers=2) == 0
+    # The sender hands it to the copy plans of its host arenas.
+    for cores, expected in ((2, 2 << 20), (16, 0)):
+        monkeypatch.setattr(transport.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        sender = transport.SharedMemSenderTransport(
+            [({"w": torch.ones(4)}, [0, 1], torch.device("cpu"))])
+        try:
+            assert [sa.parallel_min_bytes for sa in sender._arenas] == [expected]
+        finally:
+            sender.close()

@@ -92,6 +92,16 @@ def test_an_equal_key_string_matches(same_entries):
     assert same_entries((owner,), ("d",), (expected,))
 
 
+def test_a_foreign_key_never_runs_its_eq(same_entries):
+    _EqualsEverything.calls = 0
+    value = torch.ones(2)
+    owner = _Owner(d={"k": value})
+    expected = expect(owner.d)
+    owner.d = {_EqualsEverything(): value}  # says it equals "k"
+    assert not same_entries((owner,), ("d",), (expected,))
+    assert _EqualsEverything.calls == 0
+
+
 def test_skip_key_is_not_compared(same_entries):
     owner = _Owner(d={"a": torch.ones(2), "__extra_state__": 1, "b": torch.ones(2)})
     expected = expect(owner.d, skip_key="__extra_state__")

@@ -38,7 +38,8 @@ std::size_t env_size(const char* name, std::size_t fallback) {
 }
 
 // A piece of work: either whole spans [first, last) or, when one span is larger than a chunk,
-// the bytes [offset, offset + length) of span `first`.
+// the bytes [offset, offset + length) of span `first`. `length` is the piece's byte count in
+// both cases (the shares are balanced by it).
 struct Chunk {
   std::size_t first;
   std::size_t last;
@@ -53,7 +54,7 @@ std::vector<Chunk> make_chunks(const CopySpan* spans, std::size_t count, std::si
   std::size_t group_start = 0;
   std::size_t group_bytes = 0;
   auto flush = [&](std::size_t end) {
-    if (end > group_start) chunks.push_back({group_start, end, 0, 0, false});
+    if (end > group_start) chunks.push_back({group_start, end, 0, group_bytes, false});
     group_start = end;
     group_bytes = 0;
   };
@@ -298,15 +299,7 @@ void copy_spans(const CopySpan* spans, std::size_t count, const CopyOptions& opt
   const std::size_t chunk = std::min(opts.chunk_bytes, std::max(kMinChunk, per_thread));
   const std::vector<Chunk> chunks = make_chunks(spans, count, chunk);
   std::vector<std::size_t> prefix(chunks.size() + 1, 0);
-  for (std::size_t i = 0; i < chunks.size(); ++i) {
-    const Chunk& c = chunks[i];
-    std::size_t bytes = c.length;
-    if (!c.partial) {
-      bytes = 0;
-      for (std::size_t s = c.first; s < c.last; ++s) bytes += spans[s].nbytes;
-    }
-    prefix[i + 1] = prefix[i] + bytes;
-  }
+  for (std::size_t i = 0; i < chunks.size(); ++i) prefix[i + 1] = prefix[i] + chunks[i].length;
   // The pool is sized by the first caller's options; later callers asking for fewer threads
   // still share it, which only matters for tests that vary the count.
   Pool* pool = pool_for(opts);
