@@ -1227,3 +1227,107 @@ def test_a_sender_without_a_core_to_spare_writes_small_payloads_on_one_thread(mo
             assert [sa.parallel_min_bytes for sa in sender._arenas] == [expected]
         finally:
             sender.close()
+
+
+# -- the native send path ------------------------------------------------------------------------
+
+
+def _count_python_protocol(monkeypatch) -> dict[str, int]:
+    """Counts the calls of the Python protocol steps the native send path replaces."""
+    from weightsync.transports.arena import Arena
+
+    calls = {"acquire_slot": 0, "commit_slot": 0, "publish": 0, "wait_acks": 0}
+    for name in calls:
+        original = getattr(Arena, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Arena, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_sends_take_the_native_path_when_the_library_is_active(backend, mode, monkeypatch):
+    # Same results on both paths (bit-exact weights, versions, acks); with the native
+    # library, the protocol steps run in C++ and never in Python, first send included (the
+    # slot's plan is built in Python, then the C++ call commits and publishes).
+    calls = _count_python_protocol(monkeypatch)
+    with in_process(2, mode=mode, background=True) as (trainer, sender, sides):
+        assert sender.sync
+        for v in range(1, 21):
+            weights = randomize(TinyModel(), 100 + v)
+            sender.send(weights)
+            for side in sides:
+                # A sync send returns once both background receivers applied it.
+                assert side.scheme.weights_version == v
+                assert_same_weights(side.model, weights)
+        transport = sender._sender
+        assert transport.version == 21  # the initial weights were transport version 1
+        assert [transport.acked(w) for w in (0, 1)] == [21, 21]
+    if backend == "native":
+        assert calls == {"acquire_slot": 0, "commit_slot": 0, "publish": 0, "wait_acks": 0}
+    else:
+        # The initial weights are published at connect without waiting for acks.
+        assert calls["acquire_slot"] == calls["publish"] == 21 and calls["wait_acks"] == 20
+
+
+def test_native_send_without_a_free_slot_hands_over_to_python(native, monkeypatch):
+    # The lagging-workers case above, counting who does what: the native call finds no free
+    # slot, changes nothing, and Python's acquire_slot waits, then names who holds the slots.
+    monkeypatch.setenv("WEIGHTSYNC_BACKEND", "native")
+    calls = _count_python_protocol(monkeypatch)
+    with in_process(3, mode="view", sync=False, timeout=0.3) as (trainer, sender, sides):
+        for w in range(3):
+            sender.send(randomize(TinyModel(), 400 + w), worker_ids=[w])
+            assert sides[w].scheme.receive() is not None
+        sender.send(randomize(TinyModel(), 410), worker_ids=[0])  # not taken
+        sender.send(randomize(TinyModel(), 411), worker_ids=[1])  # not taken
+        assert calls["acquire_slot"] == 0
+        version = sender._sender.version
+        with pytest.raises(WeightSyncTimeout, match=r"no free slot among 5") as info:
+            sender.send(randomize(TinyModel(), 412), worker_ids=[2])
+        assert calls == {"acquire_slot": 1, "commit_slot": 0, "publish": 0, "wait_acks": 0}
+        assert sorted(info.value.workers) == [0, 1, 2]
+        assert sender._sender.version == version and sides[2].scheme.receive() is None
+        # Once worker 0 takes its offer, its old slot is free and the native path sends again.
+        assert sides[0].scheme.receive() is not None
+        last = randomize(TinyModel(), 413)
+        sender.send(last, worker_ids=[2])
+        assert sides[2].scheme.receive() is not None
+        assert_same_weights(sides[2].model, last)
+        assert calls["acquire_slot"] == 1
+
+
+def test_native_send_that_fails_to_write_publishes_nothing(native, monkeypatch):
+    # A source re-viewed in place since the last send: the native call's plan refuses it, gives
+    # the slot back and reports; Python's path then raises the typed error naming the key.
+    # Nothing is published, and the next good send goes through natively.
+    monkeypatch.setenv("WEIGHTSYNC_BACKEND", "native")
+    calls = _count_python_protocol(monkeypatch)
+    with in_process(1, mode="copy") as (trainer, sender, sides):
+        sides[0].scheme.start_background()
+        weights = TensorDict.from_module(randomize(TinyModel(), 20)).clone()
+        for _ in range(3):  # every slot gets its plan for this TensorDict
+            sender.send(weights)
+        assert calls["acquire_slot"] == 0
+        weight = weights["lin", "weight"].data
+        arena = sender._sender._arenas[0].arena
+        offer = arena.offer(0)
+        version = sides[0].scheme.weights_version
+        weights["lin", "weight"].data = weight.view(4, 3)
+        with pytest.raises(ShapeMismatchError, match=r"key 'lin.weight': arena shape \[3, 4\], weights to send shape \[4, 3\]"):
+            sender.send(weights)
+        # The C++ plan refused it first; Python's path redid the send to raise the error.
+        assert calls["acquire_slot"] == 1
+        assert calls["publish"] == 0 and sides[0].scheme.weights_version == version
+        # The offer is unchanged (already taken, so its slot could be reused for the write)
+        # and no slot is left mid-write (odd sequence).
+        assert arena.offer(0) == offer and arena.acked(0) == offer[0]
+        assert all(arena.slot_seq(s) % 2 == 0 for s in range(arena.nslots))
+        weights["lin", "weight"].data = weight
+        before = dict(calls)
+        sender.send(weights)
+        assert calls == before and sides[0].scheme.weights_version == version + 1  # natively
+        assert_same_weights(sides[0].model, {k: v for k, v in weights.flatten_keys(".").items()})

@@ -794,6 +794,20 @@ class Arena:
             _H_CLOSED, rec + _W_MAPPED, _SLOT_RECORDS,
         )]
 
+    def native_sender_words(self) -> list[int]:
+        """Addresses of the sender's protocol words, in the order of ``csrc/send_path.cpp``:
+        publish futex, ack-sleeping flag, (sequence, version) per slot, then (offer, acked,
+        ack futex, joined) per worker. The native send follows the protocol of the methods
+        here (``acquire_slot``, ``commit_slot``, ``publish``, ``wait_acks``)."""
+        base = self.segment.tensor.data_ptr()
+        words = [base + _H_PUB_FUTEX, base + _H_ACK_SLEEPING]
+        for s in range(self.nslots):
+            words += [base + self._srec(s) + _S_SEQ, base + self._srec(s) + _S_VERSION]
+        for w in range(self.nworkers):
+            rec = base + self._wrec(w)
+            words += [rec + _W_OFFER, rec + _W_ACKED, rec + _W_ACK_FUTEX, rec + _W_JOINED]
+        return words
+
     def release_slot(self, slot: int) -> None:
         """Drop this worker's shared lock on ``slot``."""
         _unlock(self.segment.fd, slot)

@@ -48,6 +48,14 @@ from weightsync.errors import (
     WeightSyncTimeout,
 )
 from weightsync.transports.arena import DEFAULT_TIMEOUT, Arena, Layout
+from weightsync.transports.send_path import (
+    ACK_TIMEOUT,
+    NEED_WRITE,
+    NO_SLOT,
+    WRITE_FAILED,
+    NativeSendPath,
+    native_send_available,
+)
 from weightsync.transports.receive_loop import (
     MODE_COPY,
     MODE_WINDOW,
@@ -198,6 +206,11 @@ def _copier(dst: list[torch.Tensor], src: list[torch.Tensor], parallel_min_bytes
     return run
 
 
+def _plan_address(copy: Callable[[], None]) -> int | None:
+    """The native plan behind a :func:`_copier` callable, for C callers; None when Python runs it."""
+    return getattr(getattr(copy, "__self__", None), "native_address", None)
+
+
 class _Pinned:
     """Page-locks a host buffer for full-speed DMAs; undone by :meth:`release`."""
 
@@ -296,7 +309,11 @@ class _SenderArena:
         self._stage: torch.Tensor | None = None
         self._device_slots: torch.Tensor | None = None
         # Per slot: the last host source list written into it and its copy plan.
-        self._host_copies: list[tuple[list[torch.Tensor], Callable[[], None]] | None] = [None] * nslots
+        # Per slot: (source list, its copy into the slot, the native plan's address or 0).
+        self._host_copies: list[tuple[list[torch.Tensor], Callable[[], None], int] | None] = \
+            [None] * nslots
+        # The same sends in one native call, when the library is active (see send_native).
+        self._native: NativeSendPath | None = None
         try:
             if host:
                 self.slots = [self.arena.slot_bytes(s) for s in range(nslots)]
@@ -309,6 +326,8 @@ class _SenderArena:
                     self._device_slots[s * stride : s * stride + layout.nbytes] for s in range(nslots)
                 ]
             self.views = [layout.views(flat) for flat in self.slots]
+            if native_send_available():
+                self._native = NativeSendPath(self.arena)
         except BaseException:
             self.close()
             raise
@@ -361,7 +380,7 @@ class _SenderArena:
             # Host to host: a copy plan from the sources into the slot's typed views, kept for
             # the next write of the same source list into this slot (see above).
             copy = _copier(self.views[slot], src, self.parallel_min_bytes)
-            self._host_copies[slot] = (src, copy)
+            self._host_copies[slot] = (src, copy, _plan_address(copy) or 0)
             copy()
         else:
             ops.pack_(src, flat, self.offsets)
@@ -370,7 +389,35 @@ class _SenderArena:
             for device in {t.device for t in src if t.is_cuda}:
                 torch.cuda.current_stream(device).synchronize()
 
+    def send_native(self, src: list[torch.Tensor], workers: list[int], version: int, *,
+                    sync: bool, deadline: float) -> int:
+        """Publish ``src`` as ``version`` to ``workers`` (arena indices) in one native call.
+
+        Returns ``SENT``; ``ACK_TIMEOUT`` (published, and a target did not ack by
+        ``deadline``: the caller's ``wait_acks`` names it); or ``NO_SLOT`` when nothing was
+        published and the caller must take the Python path (no native path, no slot free at
+        the first look, or a write that failed: that path waits, or raises the typed error).
+        """
+        native = self._native
+        if native is None:
+            return NO_SLOT
+        plans = [c[2] if c is not None and c[0] is src else 0 for c in self._host_copies]
+        code, slot, _ = native.send(plans, workers, version, sync=sync,
+                                    timeout=max(0.0, deadline - time.monotonic()))
+        if code == NEED_WRITE:
+            try:
+                self.write(slot, src)
+            except BaseException:
+                native.abort(slot)
+                raise
+            code = native.finish(slot, workers, version, sync=sync,
+                                 timeout=max(0.0, deadline - time.monotonic()))
+        return NO_SLOT if code == WRITE_FAILED else code
+
     def close(self) -> None:
+        if self._native is not None:
+            self._native.free()
+            self._native = None
         if self._pinned is not None:
             self._pinned.release()
             self._pinned = None
@@ -490,6 +537,15 @@ class SharedMemSenderTransport:
             plan.append((sa, ws, weights(sa.layout, ws)))
         with self._lock:
             deadline = time.monotonic() + timeout
+            if len(plan) == 1:
+                sa, ws, src = plan[0]
+                local = [sa.local[w] for w in ws]
+                code = sa.send_native(src, local, self.version + 1, sync=sync, deadline=deadline)
+                if code != NO_SLOT:
+                    self.version += 1
+                    if code == ACK_TIMEOUT:
+                        sa.arena.wait_acks(local, self.version, 0.0)  # raises, naming them
+                    return self.version
             # Every arena's slot is written before any is published: a version reaches all
             # the targeted workers or none (no free slot in one arena publishes nothing).
             written: list[tuple[_SenderArena, int]] = []
@@ -865,8 +921,7 @@ class SharedMemReceiverTransport:
         if self._apply == self._apply_window and self._window is not None:
             mode, targets, window = MODE_WINDOW, list(self._slot_addresses), self._window.storage
         elif self._apply == self._apply_plan and not self._sync_devices and self._plans:
-            addresses = [getattr(getattr(p, "__self__", None), "native_address", None)
-                         for p in self._plans]
+            addresses = [_plan_address(p) for p in self._plans]
             if any(a is None for a in addresses):
                 return None
             mode, targets, window = MODE_COPY, addresses, 0
