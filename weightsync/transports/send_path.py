@@ -106,11 +106,12 @@ class NativeSendPath:
         return array
 
     def send(self, plans: Sequence[int], targets: Sequence[int], version: int, *, sync: bool,
-             timeout: float) -> tuple[int, int, str]:
+             timeout: float) -> tuple[int, int]:
         """Send ``version`` to the arena's workers ``targets`` (indices).
 
         ``plans[s]`` is the address of the native copy plan that writes the sources into slot
-        ``s``, or 0. Returns ``(code, slot, error message)``.
+        ``s``, or 0. Returns ``(code, slot)``. After ``WRITE_FAILED`` the caller redoes the
+        send on the Python path, which raises the typed error naming the tensor.
         """
         for s, address in enumerate(plans):
             self._plans[s] = address
@@ -118,8 +119,7 @@ class NativeSendPath:
         code = self._lib.send(self._handle, self._plans, array, len(targets), version, int(sync),
                               timeout, _ACK_SPIN, _LIVENESS_PERIOD, ctypes.byref(self._slot),
                               self._error, _ERROR_LEN)
-        message = self._error.value.decode(errors="replace") if code == WRITE_FAILED else ""
-        return code, self._slot.value, message
+        return code, self._slot.value
 
     def finish(self, slot: int, targets: Sequence[int], version: int, *, sync: bool,
                timeout: float) -> int:

@@ -402,8 +402,8 @@ class _SenderArena:
         if native is None:
             return NO_SLOT
         plans = [c[2] if c is not None and c[0] is src else 0 for c in self._host_copies]
-        code, slot, _ = native.send(plans, workers, version, sync=sync,
-                                    timeout=max(0.0, deadline - time.monotonic()))
+        code, slot = native.send(plans, workers, version, sync=sync,
+                                 timeout=max(0.0, deadline - time.monotonic()))
         if code == NEED_WRITE:
             try:
                 self.write(slot, src)
