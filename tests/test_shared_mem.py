@@ -1331,3 +1331,21 @@ def test_native_send_that_fails_to_write_publishes_nothing(native, monkeypatch):
         sender.send(weights)
         assert calls == before and sides[0].scheme.weights_version == version + 1  # natively
         assert_same_weights(sides[0].model, {k: v for k, v in weights.flatten_keys(".").items()})
+
+
+def test_a_backend_forced_later_applies_to_arenas_and_loops_built_after(native, monkeypatch):
+    from weightsync.transports import shared_mem as transport
+    from weightsync.transports.send_path import native_send_available
+
+    def sender_paths() -> list[bool]:
+        sender = transport.SharedMemSenderTransport([({"w": torch.ones(4)}, [0], torch.device("cpu"))])
+        try:
+            return [sa._native is not None for sa in sender._arenas]
+        finally:
+            sender.close()
+
+    monkeypatch.setenv("WEIGHTSYNC_BACKEND", "native")
+    assert native_send_available() and native_loop_available() and sender_paths() == [True]
+    monkeypatch.setenv("WEIGHTSYNC_BACKEND", "torch")
+    assert not native_send_available() and not native_loop_available()
+    assert sender_paths() == [False]

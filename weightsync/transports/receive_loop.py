@@ -42,9 +42,18 @@ _I64 = ctypes.c_int64
 _I64P = ctypes.POINTER(ctypes.c_int64)
 
 
-@cache
 def _lib() -> Any | None:
-    """The loop's C entry points, or None (no native library, or one built without them).
+    """The loop's C entry points, or None (no native library active, or one built without them).
+
+    Asked when a loop is built, so a backend forced through the environment afterwards
+    (``WEIGHTSYNC_BACKEND=torch``) applies to the loops started from then on.
+    """
+    return _entry_points() if native_library_active() else None
+
+
+@cache
+def _entry_points() -> Any | None:
+    """The loop's C entry points in the loaded library (None: built without them).
 
     Only the two calls that block (``run``, and ``lock`` when the mutex is taken) go through
     ``CDLL``, which drops the GIL. Every other call keeps it (``PyDLL``): they take a few
@@ -52,8 +61,6 @@ def _lib() -> Any | None:
     process's other Python threads (CPython forces a hand-over only when no thread took the
     GIL for a whole switch interval, and every release and re-take counts as one).
     """
-    if not native_library_active():
-        return None
     path = _extension.load().path
     try:
         dropping, holding = ctypes.CDLL(path), ctypes.PyDLL(path)
