@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "copy_plan.h"
+#include "shm_words.h"
 #include "weightsync/core.h"
 
 namespace {
@@ -40,34 +41,10 @@ constexpr int kModeWindow = 1;
 enum Outcome { kStopped = 0, kSenderGone = 1, kHandBack = 2 };
 enum Take { kTaken, kRetry, kPython };
 
-template <typename T>
-T load(std::int64_t address) {
-  return reinterpret_cast<const std::atomic<T>*>(address)->load(std::memory_order_acquire);
-}
-
-template <typename T>
-void store(std::int64_t address, T value) {
-  reinterpret_cast<std::atomic<T>*>(address)->store(value, std::memory_order_release);
-}
-
-bool ofd_lock(int fd, off_t start, short kind) {
-  struct flock fl {};
-  fl.l_type = kind;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = start;
-  fl.l_len = 1;
-  return fcntl(fd, F_OFD_SETLK, &fl) == 0;
-}
-
-bool held_by_other(int fd, off_t start) {
-  struct flock fl {};
-  fl.l_type = F_WRLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = start;
-  fl.l_len = 1;
-  if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return true;  // cannot tell: assume alive
-  return fl.l_type != F_UNLCK;
-}
+using weightsync::shm::held_by_other;
+using weightsync::shm::load;
+using weightsync::shm::ofd_lock;
+using weightsync::shm::store;
 
 struct Receiver {
   std::int64_t words[kWords];

@@ -116,3 +116,17 @@ def test_host_copier_follows_torch_thread_count(native):
         s.add_(1)
     ops.batched_copy_(dst, src)
     assert all(torch.equal(d, s) for d, s in zip(dst, src))
+
+
+def test_c_functions_are_typed_and_all_or_nothing(native):
+    import ctypes
+
+    i64 = ctypes.c_int64
+    calls = _extension.c_functions("weightsync_sender_", {"new": ([ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_int, ctypes.c_int, i64], i64), "free": ([i64], None)})
+    assert calls is not None
+    assert calls.new.restype is i64 and calls.free.argtypes == [i64]
+    # The library refuses an arena with no worker without touching the words.
+    assert calls.new(None, -1, 2, 0, 0) == 0
+    # A name the library lacks: nothing at all, never a partial set.
+    assert _extension.c_functions("weightsync_sender_", {"new": ([], i64), "nope": ([], None)}) is None

@@ -12,18 +12,21 @@ Environment:
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
 import platform
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-__all__ = ["ExtensionStatus", "load", "status", "has_kernel"]
+__all__ = ["ExtensionStatus", "load", "status", "has_kernel", "c_functions"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _OPS = ("batched_copy_", "pack_", "unpack_", "host_register", "host_unregister", "futex_wait",
@@ -162,3 +165,28 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"weightsync::{op}", dispatch_key))
     except RuntimeError:
         return False
+
+
+def c_functions(prefix: str, signatures: dict[str, tuple[list[Any], Any]], *,
+                drop_gil: Collection[str] | None = None) -> SimpleNamespace | None:
+    """The library's C entry points ``prefix + name``, typed, as attributes ``name``.
+
+    ``signatures`` maps each ``name`` to ``(argtypes, restype)``. Calls in ``drop_gil`` (all
+    when None) release the GIL while they run (``ctypes.CDLL``); the others keep it
+    (``ctypes.PyDLL``), which suits calls of a few nanoseconds made often: releasing and
+    re-taking the GIL each time would starve the process's other Python threads. Returns
+    None when the library is not loaded or lacks one of them.
+    """
+    loaded = load()
+    if not loaded.loaded or loaded.path is None:
+        return None
+    try:
+        dropping, holding = ctypes.CDLL(loaded.path), ctypes.PyDLL(loaded.path)
+        functions = {}
+        for name, (argtypes, restype) in signatures.items():
+            fn = getattr(dropping if drop_gil is None or name in drop_gil else holding, prefix + name)
+            fn.argtypes, fn.restype = argtypes, restype
+            functions[name] = fn
+    except (OSError, AttributeError):
+        return None
+    return SimpleNamespace(**functions)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import threading
 from functools import cache
-from types import SimpleNamespace
 from typing import Any
 
 from weightsync import _extension
@@ -42,58 +41,35 @@ _I64 = ctypes.c_int64
 _I64P = ctypes.POINTER(ctypes.c_int64)
 
 
-def _lib() -> Any | None:
-    """The loop's C entry points, or None (no native library active, or one built without them).
-
-    Asked when a loop is built, so a backend forced through the environment afterwards
-    (``WEIGHTSYNC_BACKEND=torch``) applies to the loops started from then on.
-    """
-    return _entry_points() if native_library_active() else None
-
-
 @cache
 def _entry_points() -> Any | None:
-    """The loop's C entry points in the loaded library (None: built without them).
-
-    Only the two calls that block (``run``, and ``lock`` when the mutex is taken) go through
-    ``CDLL``, which drops the GIL. Every other call keeps it (``PyDLL``): they take a few
-    nanoseconds, and a thread that released the GIL at each guard entry would starve the
-    process's other Python threads (CPython forces a hand-over only when no thread took the
-    GIL for a whole switch interval, and every release and re-take counts as one).
-    """
-    path = _extension.load().path
-    try:
-        dropping, holding = ctypes.CDLL(path), ctypes.PyDLL(path)
-        calls = {
-            "weightsync_receiver_new": ([_I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64P,
-                                         _I64, _I64, _I64, ctypes.c_double], _I64),
-            "weightsync_receiver_free": ([_I64], None),
-            "weightsync_receiver_lock": ([_I64], None),
-            "weightsync_receiver_try_lock": ([_I64], ctypes.c_int),
-            "weightsync_receiver_unlock": ([_I64], None),
-            "weightsync_receiver_version": ([_I64], _I64),
-            "weightsync_receiver_set_version": ([_I64, _I64], None),
-            "weightsync_receiver_mapped": ([_I64], _I64),
-            "weightsync_receiver_set_mapped": ([_I64, _I64], None),
-            "weightsync_receiver_applied": ([_I64], _I64),
-            "weightsync_receiver_bind": ([_I64, _I64P, _I64P, _I64], None),
-            "weightsync_receiver_stop": ([_I64], None),
-            "weightsync_receiver_run": ([_I64, ctypes.c_double], ctypes.c_int),
-        }
-        fns = {}
-        for name, (argtypes, restype) in calls.items():
-            blocking = name in ("weightsync_receiver_run", "weightsync_receiver_lock")
-            fn = getattr(dropping if blocking else holding, name)
-            fn.argtypes, fn.restype = argtypes, restype
-            fns[name.removeprefix("weightsync_receiver_")] = fn
-    except (OSError, AttributeError):
-        return None
-    return SimpleNamespace(**fns)
+    # Only the two calls that block (``run``, and ``lock`` when the mutex is taken) drop the
+    # GIL; every other call takes a few nanoseconds and keeps it (see c_functions).
+    return _extension.c_functions("weightsync_receiver_", {
+        "new": ([_I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64P, _I64, _I64, _I64,
+                 ctypes.c_double], _I64),
+        "free": ([_I64], None),
+        "lock": ([_I64], None),
+        "try_lock": ([_I64], ctypes.c_int),
+        "unlock": ([_I64], None),
+        "version": ([_I64], _I64),
+        "set_version": ([_I64, _I64], None),
+        "mapped": ([_I64], _I64),
+        "set_mapped": ([_I64, _I64], None),
+        "applied": ([_I64], _I64),
+        "bind": ([_I64, _I64P, _I64P, _I64], None),
+        "stop": ([_I64], None),
+        "run": ([_I64, ctypes.c_double], ctypes.c_int),
+    }, drop_gil=("run", "lock"))
 
 
 def native_loop_available() -> bool:
-    """Whether workers can receive in C++ (the native library is active and has the loop)."""
-    return _lib() is not None
+    """Whether workers can receive in C++ (the native library is active and has the loop).
+
+    Asked whenever one is built, so a backend forced through the environment later
+    (``WEIGHTSYNC_BACKEND=torch``) applies to the loops started from then on.
+    """
+    return native_library_active() and _entry_points() is not None
 
 
 class NativeReceiveLoop:
@@ -106,7 +82,7 @@ class NativeReceiveLoop:
     def __init__(self, words: list[int], fd: int, mode: int, targets: list[int], *,
                  window: int = 0, version: int = 0, mapped: int = -1,
                  spin: float | None = None) -> None:
-        lib = _lib()
+        lib = _entry_points() if native_library_active() else None
         if lib is None:
             raise RuntimeError("the native receive loop is not available")
         self._lib = lib

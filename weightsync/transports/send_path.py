@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from functools import cache
-from types import SimpleNamespace
 from typing import Any
 
 from weightsync import _extension
@@ -36,44 +35,28 @@ _I64P = ctypes.POINTER(ctypes.c_int64)
 _ERROR_LEN = 4096
 
 
-def _lib() -> Any | None:
-    """The C entry points, or None (no native library active, or one built without them).
-
-    Asked when an arena is built, so a backend forced through the environment afterwards
-    (``WEIGHTSYNC_BACKEND=torch``) applies to the arenas built from then on.
-    """
-    return _entry_points() if native_library_active() else None
-
-
 @cache
 def _entry_points() -> Any | None:
-    try:
-        # CDLL drops the GIL: send and finish may wait for acks.
-        lib = ctypes.CDLL(_extension.load().path)
-        calls = {
-            "weightsync_sender_new": ([_I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64], _I64),
-            "weightsync_sender_free": ([_I64], None),
-            "weightsync_sender_send": ([_I64, _I64P, _I64P, ctypes.c_int, _I64, ctypes.c_int,
-                                        ctypes.c_double, ctypes.c_double, ctypes.c_double, _I64P,
-                                        ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int),
-            "weightsync_sender_finish": ([_I64, _I64, _I64P, ctypes.c_int, _I64, ctypes.c_int,
-                                          ctypes.c_double, ctypes.c_double, ctypes.c_double],
-                                         ctypes.c_int),
-            "weightsync_sender_abort": ([_I64, _I64], None),
-        }
-        fns = {}
-        for name, (argtypes, restype) in calls.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, restype
-            fns[name.removeprefix("weightsync_sender_")] = fn
-    except (OSError, AttributeError):
-        return None
-    return SimpleNamespace(**fns)
+    # Every call drops the GIL: send and finish may wait for acks.
+    return _extension.c_functions("weightsync_sender_", {
+        "new": ([_I64P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _I64], _I64),
+        "free": ([_I64], None),
+        "send": ([_I64, _I64P, _I64P, ctypes.c_int, _I64, ctypes.c_int, ctypes.c_double,
+                  ctypes.c_double, ctypes.c_double, _I64P, ctypes.c_char_p, ctypes.c_size_t],
+                 ctypes.c_int),
+        "finish": ([_I64, _I64, _I64P, ctypes.c_int, _I64, ctypes.c_int, ctypes.c_double,
+                    ctypes.c_double, ctypes.c_double], ctypes.c_int),
+        "abort": ([_I64, _I64], None),
+    })
 
 
 def native_send_available() -> bool:
-    """Whether senders can send through the native path (the native library is active)."""
-    return _lib() is not None
+    """Whether senders can send through the native path (the native library is active).
+
+    Asked whenever one is built, so a backend forced through the environment later
+    (``WEIGHTSYNC_BACKEND=torch``) applies to the senders built from then on.
+    """
+    return native_library_active() and _entry_points() is not None
 
 
 class NativeSendPath:
@@ -83,7 +66,7 @@ class NativeSendPath:
     """
 
     def __init__(self, arena: Arena) -> None:
-        lib = _lib()
+        lib = _entry_points() if native_library_active() else None
         if lib is None:
             raise RuntimeError("the native send path is not available")
         self._lib = lib
