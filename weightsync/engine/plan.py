@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from functools import cache, partial
+from typing import Any
 
 import torch
 
@@ -61,21 +62,15 @@ class _PythonPlan:
 
 
 @cache
-def _c_run():
-    """``weightsync_plan_run`` from the loaded library, through ctypes (see copy_plan.h)."""
-    fn = ctypes.CDLL(_extension.load().path).weightsync_plan_run
-    fn.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-@cache
-def _c_prepare():
-    """``weightsync_plan_prepare`` from the loaded library, through ctypes (see copy_plan.h)."""
-    fn = ctypes.CDLL(_extension.load().path).weightsync_plan_prepare
-    fn.argtypes = [ctypes.c_int64]
-    fn.restype = None
-    return fn
+def _c_plan() -> Any:
+    """The plan's C entry points (see copy_plan.h); they release the GIL while they run."""
+    calls = _extension.c_functions("weightsync_plan_", {
+        "run": ([ctypes.c_int64, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t], ctypes.c_int),
+        "prepare": ([ctypes.c_int64], None),
+    })
+    if calls is None:
+        raise RuntimeError("the loaded weightsync library lacks the copy plan's C entry points")
+    return calls
 
 
 _ERROR_LEN = 4096
@@ -89,8 +84,8 @@ class _NativePlan:
         except (RuntimeError, ValueError, TypeError) as exc:
             raise translate_native_error(exc) from None
         self._address = self._plan.address()
-        self._run = _c_run()
-        self.prepare = partial(_c_prepare(), self._address)
+        self._run = _c_plan().run
+        self.prepare = partial(_c_plan().prepare, self._address)
         self._error = ctypes.create_string_buffer(_ERROR_LEN)
 
     @property

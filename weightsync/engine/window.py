@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -24,15 +25,16 @@ _ERROR_LEN = 512
 
 
 @cache
-def _c_calls():
-    lib = ctypes.CDLL(_extension.load().path)
-    repoint = lib.weightsync_repoint_storage
-    repoint.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t]
-    repoint.restype = ctypes.c_int
-    viewed = lib.weightsync_window_viewed
-    viewed.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    viewed.restype = ctypes.c_int
-    return repoint, viewed
+def _c_calls() -> tuple[Any, Any]:
+    calls = _extension.c_functions("weightsync_", {
+        "repoint_storage": ([ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t],
+                            ctypes.c_int),
+        "window_viewed": ([ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t],
+                          ctypes.c_int),
+    })
+    if calls is None:
+        raise RuntimeError("the loaded weightsync library lacks the storage window's C entry points")
+    return calls.repoint_storage, calls.window_viewed
 
 
 class StorageWindow:
