@@ -12,8 +12,6 @@
 // acks that did not come in time. Each is reported by a return code, with nothing published
 // unless the code says so, and Python carries on from there with its own path.
 #include <fcntl.h>
-#include <sched.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>

@@ -66,6 +66,7 @@ class NativeSendPath:
     """
 
     def __init__(self, arena: Arena) -> None:
+        self._handle = 0  # set first: __del__ runs even when this raises
         lib = _entry_points() if native_library_active() else None
         if lib is None:
             raise RuntimeError("the native send path is not available")

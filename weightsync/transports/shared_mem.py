@@ -48,6 +48,13 @@ from weightsync.errors import (
     WeightSyncTimeout,
 )
 from weightsync.transports.arena import DEFAULT_TIMEOUT, Arena, Layout
+from weightsync.transports.receive_loop import (
+    MODE_COPY,
+    MODE_WINDOW,
+    NativeReceiveLoop,
+    ReceiverLock,
+    native_loop_available,
+)
 from weightsync.transports.send_path import (
     ACK_TIMEOUT,
     NEED_WRITE,
@@ -55,13 +62,6 @@ from weightsync.transports.send_path import (
     WRITE_FAILED,
     NativeSendPath,
     native_send_available,
-)
-from weightsync.transports.receive_loop import (
-    MODE_COPY,
-    MODE_WINDOW,
-    NativeReceiveLoop,
-    ReceiverLock,
-    native_loop_available,
 )
 
 __all__ = [
@@ -308,8 +308,8 @@ class _SenderArena:
         self._pinned: _Pinned | None = None
         self._stage: torch.Tensor | None = None
         self._device_slots: torch.Tensor | None = None
-        # Per slot: the last host source list written into it and its copy plan.
-        # Per slot: (source list, its copy into the slot, the native plan's address or 0).
+        # Per slot, the last host source list written into it: (that list, its copy plan into
+        # the slot, the native plan's address or 0).
         self._host_copies: list[tuple[list[torch.Tensor], Callable[[], None], int] | None] = \
             [None] * nslots
         # The same sends in one native call, when the library is active (see send_native).
