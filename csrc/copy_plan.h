@@ -31,7 +31,7 @@ class CopyPlan : public torch::CustomClassHolder {
   // will use them, so their wake-up overlaps the caller's work until then.
   void prepare() const;
   bool is_valid() const;
-  // is_valid() over impls_[begin, end) (dst and src impls, in address order).
+  // is_valid() over impls_[begin, end) (dst and src impls, pairs in destination order).
   bool is_valid_range(std::size_t begin, std::size_t end) const;
   void rebuild();
   std::int64_t nbytes() const { return static_cast<std::int64_t>(nbytes_); }
@@ -70,7 +70,8 @@ class CopyPlan : public torch::CustomClassHolder {
 
   std::vector<at::Tensor> dst_;
   std::vector<at::Tensor> src_;
-  // The impls of every tensor above, in address order, and their fingerprints.
+  // The impls of every (dst, src) pair above, in the order of the destinations' addresses (see
+  // rebuild), and their fingerprints.
   std::vector<const c10::TensorImpl*> impls_;
   std::vector<Fingerprint> fingerprints_;
   std::vector<core::CopySpan> spans_;
