@@ -18,6 +18,8 @@ std::vector<std::int64_t> engine_config() {
           static_cast<std::int64_t>(o.chunk_bytes)};
 }
 
+std::string span_loop() { return core::span_loop_name(core::active_span_loop()); }
+
 }  // namespace
 
 TORCH_LIBRARY(weightsync, m) {
@@ -34,6 +36,8 @@ TORCH_LIBRARY(weightsync, m) {
   m.def("futex_wake(Tensor word, int count) -> int");
   // [max threads, parallel threshold in bytes, chunk bytes] of the host copier.
   m.def("engine_config() -> int[]", &engine_config);
+  // How the host copier moves small spans: "avx512", "avx" or "memcpy" (see core.h).
+  m.def("span_loop() -> str", &span_loop);
 
   m.class_<CopyPlan>("CopyPlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::int64_t>(), "",

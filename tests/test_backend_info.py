@@ -28,12 +28,48 @@ def test_backend_info_names_active_backend_and_reasons(monkeypatch):
     if info["extension"]["loaded"]:
         assert cpu["active"] == "native"
         assert info["extension"]["host_copier"]["max_threads"] >= 1
+        assert info["extension"]["host_copier"]["span_loop"] in {"avx512", "avx", "memcpy"}
     else:
         assert cpu["active"] == "torch"
         assert cpu["unavailable"]["native"].startswith("extension ")
     assert "cupy" in info["devices"]["cpu"]["unavailable"]
     assert info["runtime"]["torch"] == torch.__version__
     json.dumps(info)  # plain data, printable by a CLI
+
+
+@pytest.fixture(scope="module")
+def best_span_loop() -> str:
+    """The span loop this CPU's best, as an unforced process picks it."""
+    proc = run_python("import weightsync; print(weightsync.backend_info()['extension']"
+                      "['host_copier']['span_loop'])", WEIGHTSYNC_SPAN_LOOP="")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("loop", ["memcpy", "avx", "avx512"])
+def test_forced_span_loop_is_reported_and_copies_exactly(loop, request):
+    """WEIGHTSYNC_SPAN_LOOP picks the small-span loop when the CPU has it (else the best it
+    has), backend_info says which, and a plan over odd-sized tensors is bit-exact with it."""
+    if not weightsync.backend_info()["extension"]["loaded"]:
+        pytest.skip("the extension is not loaded")
+    code = (
+        "import json, torch, weightsync\n"
+        "from weightsync.engine import CopyPlan\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "sizes = [1, 7, 8, 15, 16, 17, 63, 64, 65, 255, 1023, 1024, 4097, 20000, 70000]\n"
+        "src = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]\n"
+        "dst = [torch.zeros(n, dtype=torch.uint8) for n in sizes]\n"
+        "CopyPlan(dst, src).run()\n"
+        "print(json.dumps({'loop': weightsync.backend_info()['extension']['host_copier']['span_loop'],"
+        " 'exact': all(torch.equal(d, s) for d, s in zip(dst, src))}))\n"
+    )
+    proc = run_python(code, WEIGHTSYNC_SPAN_LOOP=loop, WEIGHTSYNC_BACKEND="native")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["exact"]
+    best = request.getfixturevalue("best_span_loop")
+    order = ["memcpy", "avx", "avx512"]
+    assert out["loop"] == (loop if order.index(loop) <= order.index(best) else best)
 
 
 def test_forcing_the_torch_backend(monkeypatch):

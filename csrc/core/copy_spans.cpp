@@ -22,6 +22,9 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <mutex>
 #include <thread>
 
@@ -75,6 +78,109 @@ std::vector<Chunk> make_chunks(const CopySpan* spans, std::size_t count, std::si
   return chunks;
 }
 
+// Small spans through a vector loop rather than memcpy. A weight list of many small tensors is
+// many separate memcpy calls, and glibc's memcpy pays a start-up cost per call that a 4 KB copy
+// does not amortise (on CPUs with fast `rep movsb` it uses that string instruction from a few
+// KB up). Measured on a 2-core AMD EPYC (Zen 4) VM with the pool, 1000 separately allocated
+// 4 KB spans: 53-59 us with memcpy, 50-55 us with the 32-byte loop, 49-52 us with the 64-byte
+// one (three alternating runs of 4000 calls each), where a single 4 MB span takes 46-53 us;
+// 8 spans of 115 KB showed no difference, so large spans keep memcpy.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define WEIGHTSYNC_X86_SPAN_LOOPS 1
+
+// Both loops finish with one unaligned vector copy of the last bytes, overlapping bytes already
+// written with the same values (source and destination never overlap), so no scalar tail.
+__attribute__((target("avx512f"))) void copy_avx512(char* d, const char* s, std::size_t n) {
+  if (n < 64) {
+    std::memcpy(d, s, n);
+    return;
+  }
+  std::size_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    const __m512i a = _mm512_loadu_si512(s + i);
+    const __m512i b = _mm512_loadu_si512(s + i + 64);
+    const __m512i c = _mm512_loadu_si512(s + i + 128);
+    const __m512i e = _mm512_loadu_si512(s + i + 192);
+    _mm512_storeu_si512(d + i, a);
+    _mm512_storeu_si512(d + i + 64, b);
+    _mm512_storeu_si512(d + i + 128, c);
+    _mm512_storeu_si512(d + i + 192, e);
+  }
+  for (; i + 64 <= n; i += 64) _mm512_storeu_si512(d + i, _mm512_loadu_si512(s + i));
+  if (i < n) _mm512_storeu_si512(d + n - 64, _mm512_loadu_si512(s + n - 64));
+}
+
+__attribute__((target("avx"))) void copy_avx(char* d, const char* s, std::size_t n) {
+  if (n < 32) {
+    std::memcpy(d, s, n);
+    return;
+  }
+  // (Macros, not lambdas: a lambda does not inherit the function's target attribute.)
+#define WS_LOAD(p) _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+#define WS_STORE(p, v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (v))
+  std::size_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    const __m256i a = WS_LOAD(s + i);
+    const __m256i b = WS_LOAD(s + i + 32);
+    const __m256i c = WS_LOAD(s + i + 64);
+    const __m256i e = WS_LOAD(s + i + 96);
+    WS_STORE(d + i, a);
+    WS_STORE(d + i + 32, b);
+    WS_STORE(d + i + 64, c);
+    WS_STORE(d + i + 96, e);
+  }
+  for (; i + 32 <= n; i += 32) WS_STORE(d + i, WS_LOAD(s + i));
+  if (i < n) WS_STORE(d + n - 32, WS_LOAD(s + n - 32));
+#undef WS_LOAD
+#undef WS_STORE
+}
+#endif
+
+bool cpu_has(SpanLoop loop) {
+#ifdef WEIGHTSYNC_X86_SPAN_LOOPS
+  switch (loop) {
+    case SpanLoop::kAvx512: return __builtin_cpu_supports("avx512f");
+    case SpanLoop::kAvx: return __builtin_cpu_supports("avx");
+    case SpanLoop::kMemcpy: return true;
+  }
+  return false;
+#else
+  return loop == SpanLoop::kMemcpy;
+#endif
+}
+
+SpanLoop choose_span_loop() {
+  const char* forced = std::getenv("WEIGHTSYNC_SPAN_LOOP");
+  if (forced != nullptr && *forced != '\0') {
+    for (SpanLoop loop : {SpanLoop::kMemcpy, SpanLoop::kAvx, SpanLoop::kAvx512}) {
+      if (std::strcmp(forced, span_loop_name(loop)) == 0 && cpu_has(loop)) return loop;
+    }
+  }
+  for (SpanLoop loop : {SpanLoop::kAvx512, SpanLoop::kAvx}) {
+    if (cpu_has(loop)) return loop;
+  }
+  return SpanLoop::kMemcpy;
+}
+
+inline void copy_with(SpanLoop loop, void* dst, const void* src, std::size_t n) {
+#ifdef WEIGHTSYNC_X86_SPAN_LOOPS
+  if (loop == SpanLoop::kAvx512) return copy_avx512(static_cast<char*>(dst), static_cast<const char*>(src), n);
+  if (loop == SpanLoop::kAvx) return copy_avx(static_cast<char*>(dst), static_cast<const char*>(src), n);
+#endif
+  std::memcpy(dst, src, n);
+}
+
+// One whole span: small ones through the active loop, the rest through memcpy.
+inline void copy_span(const CopySpan& s) {
+  static const SpanLoop loop = active_span_loop();
+  if (s.nbytes == 0) return;
+  if (s.nbytes <= kSmallSpanBytes) {
+    copy_with(loop, s.dst, s.src, s.nbytes);
+  } else {
+    std::memcpy(s.dst, s.src, s.nbytes);
+  }
+}
+
 void run_chunk(const CopySpan* spans, const Chunk& c) {
   if (c.partial) {
     const CopySpan& s = spans[c.first];
@@ -82,9 +188,7 @@ void run_chunk(const CopySpan* spans, const Chunk& c) {
                 c.length);
     return;
   }
-  for (std::size_t i = c.first; i < c.last; ++i) {
-    if (spans[i].nbytes != 0) std::memcpy(spans[i].dst, spans[i].src, spans[i].nbytes);
-  }
+  for (std::size_t i = c.first; i < c.last; ++i) copy_span(spans[i]);
 }
 
 // Work the pool runs: pieces [0, n) cut into contiguous shares, one per participant (the
@@ -271,6 +375,26 @@ Pool* pool_for(const CopyOptions& opts) {
 
 }  // namespace
 
+SpanLoop active_span_loop() {
+  static const SpanLoop loop = choose_span_loop();
+  return loop;
+}
+
+const char* span_loop_name(SpanLoop loop) {
+  switch (loop) {
+    case SpanLoop::kAvx512: return "avx512";
+    case SpanLoop::kAvx: return "avx";
+    case SpanLoop::kMemcpy: return "memcpy";
+  }
+  return "memcpy";
+}
+
+bool copy_bytes_with(SpanLoop loop, void* dst, const void* src, std::size_t n) {
+  if (!cpu_has(loop)) return false;
+  if (n != 0) copy_with(loop, dst, src, n);
+  return true;
+}
+
 const CopyOptions& default_copy_options() {
   static const CopyOptions options = [] {
     CopyOptions o;
@@ -289,9 +413,7 @@ void copy_spans(const CopySpan* spans, std::size_t count, const CopyOptions& opt
   std::size_t total = 0;
   for (std::size_t i = 0; i < count; ++i) total += spans[i].nbytes;
   if (opts.max_threads <= 1 || total < opts.parallel_min_bytes) {
-    for (std::size_t i = 0; i < count; ++i) {
-      if (spans[i].nbytes != 0) std::memcpy(spans[i].dst, spans[i].src, spans[i].nbytes);
-    }
+    for (std::size_t i = 0; i < count; ++i) copy_span(spans[i]);
     return;
   }
   constexpr std::size_t kMinChunk = std::size_t{64} << 10;

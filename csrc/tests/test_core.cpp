@@ -174,6 +174,37 @@ void test_copy_unaligned() {
   }
 }
 
+// Each span loop the CPU has, directly, on every size up to 700 bytes (each loop's short-copy,
+// unrolled, single-vector and overlapping-tail cases) and on a few larger ones, at shifted
+// starts: exact bytes inside, nothing written around.
+void test_span_loops_every_size() {
+  using weightsync::core::SpanLoop;
+  std::vector<std::size_t> sizes;
+  for (std::size_t n = 0; n <= 700; ++n) sizes.push_back(n);
+  for (std::size_t n : {4093, 4096, 4097, 65535, 65536}) sizes.push_back(n);
+  int loops_run = 0;
+  for (SpanLoop loop : {SpanLoop::kMemcpy, SpanLoop::kAvx, SpanLoop::kAvx512}) {
+    std::vector<std::uint8_t> probe(1);
+    if (!weightsync::core::copy_bytes_with(loop, probe.data(), probe.data(), 0)) continue;
+    ++loops_run;
+    for (std::size_t n : sizes) {
+      for (std::size_t shift : {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{33}}) {
+        std::vector<std::uint8_t> src(n + 128), dst(n + 128);
+        fill_random(src, static_cast<std::uint32_t>(n * 4 + shift));
+        fill_random(dst, static_cast<std::uint32_t>(n * 4 + shift) ^ 0x5bd1e995u);
+        std::vector<std::uint8_t> expected = dst;
+        std::memcpy(expected.data() + 64, src.data() + shift, n);
+        EXPECT(weightsync::core::copy_bytes_with(loop, dst.data() + 64, src.data() + shift, n));
+        EXPECT_MSG(dst == expected, std::string(weightsync::core::span_loop_name(loop)) +
+                                        ": " + std::to_string(n) + " bytes from offset " +
+                                        std::to_string(shift));
+      }
+    }
+  }
+  EXPECT(loops_run >= 1);  // memcpy always runs
+  EXPECT(weightsync::core::copy_bytes_with(weightsync::core::active_span_loop(), nullptr, nullptr, 0));
+}
+
 void test_copy_many_small_spans() {
   std::mt19937 rng(51);
   std::vector<std::size_t> sizes(10000);
@@ -604,6 +635,7 @@ int main(int argc, char** argv) {
       {"copy_one_byte", test_copy_one_byte},
       {"copy_odd_sizes", test_copy_odd_sizes},
       {"copy_unaligned", test_copy_unaligned},
+      {"span_loops_every_size", test_span_loops_every_size},
       {"copy_many_small_spans", test_copy_many_small_spans},
       {"copy_span_larger_than_chunk", test_copy_span_larger_than_chunk},
       {"copy_straddling_chunks", test_copy_straddling_chunks},

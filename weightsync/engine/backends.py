@@ -157,6 +157,10 @@ def backend_info() -> dict[str, Any]:
         info["extension"]["host_copier"] = {
             # max_threads: capped by torch.get_num_threads() at the time of the call.
             "max_threads": threads, "parallel_min_bytes": min_bytes, "chunk_bytes": chunk}
+        if hasattr(torch.ops.weightsync, "span_loop"):  # libraries built before it lack it
+            # How small spans are copied: a vector loop for this CPU, or memcpy
+            # (WEIGHTSYNC_SPAN_LOOP=memcpy|avx|avx512 picks one the CPU has).
+            info["extension"]["host_copier"]["span_loop"] = torch.ops.weightsync.span_loop()
     for device_type in ("cpu", "cuda"):
         entry: dict[str, Any] = {"unavailable": {}}
         try:

@@ -50,6 +50,19 @@ inline void copy_spans(const std::vector<CopySpan>& spans, const CopyOptions& op
   copy_spans(spans.data(), spans.size(), opts);
 }
 
+// How copy_spans moves a span of at most kSmallSpanBytes: a vector loop (64-byte AVX-512 or
+// 32-byte AVX registers, unrolled four times) or libc's memcpy. Larger spans and chunks of
+// spans always use memcpy. See copy_spans.cpp for why and the measurements.
+enum class SpanLoop { kMemcpy = 0, kAvx = 1, kAvx512 = 2 };
+inline constexpr std::size_t kSmallSpanBytes = std::size_t{64} << 10;
+// The widest loop this CPU runs, or the one WEIGHTSYNC_SPAN_LOOP (memcpy, avx, avx512) names
+// when the CPU has it. Decided once per process.
+SpanLoop active_span_loop();
+const char* span_loop_name(SpanLoop loop);
+// Copies n bytes (non-overlapping) with `loop`, whatever the active one; false, having copied
+// nothing, when this CPU lacks it. For tests and benchmarks.
+bool copy_bytes_with(SpanLoop loop, void* dst, const void* src, std::size_t n);
+
 // A heads-up that a threaded copy_spans (or parallel all_of) follows shortly: helper threads
 // still spinning after their last job keep spinning for opts.spin_us from now, and parked ones
 // wake now and look for work that long before they park again. Waking a parked thread takes
