@@ -22,9 +22,6 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #include <mutex>
 #include <thread>
 
@@ -88,51 +85,45 @@ std::vector<Chunk> make_chunks(const CopySpan* spans, std::size_t count, std::si
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define WEIGHTSYNC_X86_SPAN_LOOPS 1
 
-// Both loops finish with one unaligned vector copy of the last bytes, overlapping bytes already
-// written with the same values (source and destination never overlap), so no scalar tail.
-__attribute__((target("avx512f"))) void copy_avx512(char* d, const char* s, std::size_t n) {
-  if (n < 64) {
+// A W-byte vector at any address (GCC/Clang vector extension): the compiler emits the widest
+// unaligned load and store the enclosing function's target allows, without intrinsics.
+template <std::size_t W>
+struct Vector {
+  typedef char type __attribute__((vector_size(W), aligned(1), may_alias));
+};
+
+// Copies n bytes in W-byte vectors, four per step. Inlined into each target-specific function
+// below, so it is compiled with that function's instruction set. It ends with one vector copy
+// of the last W bytes, which rewrites some bytes already copied with the same values (source
+// and destination never overlap), so there is no scalar tail.
+template <std::size_t W>
+__attribute__((always_inline)) inline void copy_in_vectors(char* d, const char* s, std::size_t n) {
+  using V = typename Vector<W>::type;
+  if (n < W) {
     std::memcpy(d, s, n);
     return;
   }
   std::size_t i = 0;
-  for (; i + 256 <= n; i += 256) {
-    const __m512i a = _mm512_loadu_si512(s + i);
-    const __m512i b = _mm512_loadu_si512(s + i + 64);
-    const __m512i c = _mm512_loadu_si512(s + i + 128);
-    const __m512i e = _mm512_loadu_si512(s + i + 192);
-    _mm512_storeu_si512(d + i, a);
-    _mm512_storeu_si512(d + i + 64, b);
-    _mm512_storeu_si512(d + i + 128, c);
-    _mm512_storeu_si512(d + i + 192, e);
+  for (; i + 4 * W <= n; i += 4 * W) {
+    const V a = *reinterpret_cast<const V*>(s + i);
+    const V b = *reinterpret_cast<const V*>(s + i + W);
+    const V c = *reinterpret_cast<const V*>(s + i + 2 * W);
+    const V e = *reinterpret_cast<const V*>(s + i + 3 * W);
+    *reinterpret_cast<V*>(d + i) = a;
+    *reinterpret_cast<V*>(d + i + W) = b;
+    *reinterpret_cast<V*>(d + i + 2 * W) = c;
+    *reinterpret_cast<V*>(d + i + 3 * W) = e;
   }
-  for (; i + 64 <= n; i += 64) _mm512_storeu_si512(d + i, _mm512_loadu_si512(s + i));
-  if (i < n) _mm512_storeu_si512(d + n - 64, _mm512_loadu_si512(s + n - 64));
+  for (; i + W <= n; i += W) *reinterpret_cast<V*>(d + i) = *reinterpret_cast<const V*>(s + i);
+  if (i < n) *reinterpret_cast<V*>(d + n - W) = *reinterpret_cast<const V*>(s + n - W);
+}
+
+__attribute__((target("avx512f"))) void copy_avx512(char* d, const char* s, std::size_t n) {
+  copy_in_vectors<64>(d, s, n);
 }
 
 __attribute__((target("avx"))) void copy_avx(char* d, const char* s, std::size_t n) {
-  if (n < 32) {
-    std::memcpy(d, s, n);
-    return;
-  }
-  // (Macros, not lambdas: a lambda does not inherit the function's target attribute.)
-#define WS_LOAD(p) _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-#define WS_STORE(p, v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (v))
-  std::size_t i = 0;
-  for (; i + 128 <= n; i += 128) {
-    const __m256i a = WS_LOAD(s + i);
-    const __m256i b = WS_LOAD(s + i + 32);
-    const __m256i c = WS_LOAD(s + i + 64);
-    const __m256i e = WS_LOAD(s + i + 96);
-    WS_STORE(d + i, a);
-    WS_STORE(d + i + 32, b);
-    WS_STORE(d + i + 64, c);
-    WS_STORE(d + i + 96, e);
-  }
-  for (; i + 32 <= n; i += 32) WS_STORE(d + i, WS_LOAD(s + i));
-  if (i < n) WS_STORE(d + n - 32, WS_LOAD(s + n - 32));
-#undef WS_LOAD
-#undef WS_STORE
+  copy_in_vectors<32>(d, s, n);
 }
 #endif
 
