@@ -78,10 +78,12 @@ std::vector<Chunk> make_chunks(const CopySpan* spans, std::size_t count, std::si
 // Small spans through a vector loop rather than memcpy. A weight list of many small tensors is
 // many separate memcpy calls, and glibc's memcpy pays a start-up cost per call that a 4 KB copy
 // does not amortise (on CPUs with fast `rep movsb` it uses that string instruction from a few
-// KB up). Measured on a 2-core AMD EPYC (Zen 4) VM with the pool, 1000 separately allocated
-// 4 KB spans: 53-59 us with memcpy, 50-55 us with the 32-byte loop, 49-52 us with the 64-byte
-// one (three alternating runs of 4000 calls each), where a single 4 MB span takes 46-53 us;
-// 8 spans of 115 KB showed no difference, so large spans keep memcpy.
+// KB up). Measured on a 2-core AMD EPYC (Zen 4) VM, this copier in a C harness, 1000 separately
+// allocated 4 KB spans: 53-59 us with memcpy, 50-55 us with the 32-byte loop, 49-52 us with the
+// 64-byte one (three alternating runs of 4000 calls each), where a single 4 MB span takes
+// 46-53 us; 8 spans of 115 KB showed no difference, so large spans keep memcpy. Through
+// CopyPlan (bench/engine_bench.py, many-small): 85.4 us with memcpy, 75.8 us with the 64-byte
+// loop (means of five alternating runs).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define WEIGHTSYNC_X86_SPAN_LOOPS 1
 
@@ -155,18 +157,19 @@ SpanLoop choose_span_loop() {
 
 inline void copy_with(SpanLoop loop, void* dst, const void* src, std::size_t n) {
 #ifdef WEIGHTSYNC_X86_SPAN_LOOPS
-  if (loop == SpanLoop::kAvx512) return copy_avx512(static_cast<char*>(dst), static_cast<const char*>(src), n);
-  if (loop == SpanLoop::kAvx) return copy_avx(static_cast<char*>(dst), static_cast<const char*>(src), n);
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  if (loop == SpanLoop::kAvx512) return copy_avx512(d, s, n);
+  if (loop == SpanLoop::kAvx) return copy_avx(d, s, n);
 #endif
   std::memcpy(dst, src, n);
 }
 
 // One whole span: small ones through the active loop, the rest through memcpy.
 inline void copy_span(const CopySpan& s) {
-  static const SpanLoop loop = active_span_loop();
   if (s.nbytes == 0) return;
   if (s.nbytes <= kSmallSpanBytes) {
-    copy_with(loop, s.dst, s.src, s.nbytes);
+    copy_with(active_span_loop(), s.dst, s.src, s.nbytes);
   } else {
     std::memcpy(s.dst, s.src, s.nbytes);
   }
