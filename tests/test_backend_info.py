@@ -39,7 +39,9 @@ def test_backend_info_names_active_backend_and_reasons(monkeypatch):
 
 @pytest.fixture(scope="module")
 def best_span_loop() -> str:
-    """The span loop this CPU's best, as an unforced process picks it."""
+    """The best span loop this CPU has, as an unforced process picks it."""
+    if not weightsync.backend_info()["extension"]["loaded"]:
+        pytest.skip("the extension is not loaded")
     proc = run_python("import weightsync; print(weightsync.backend_info()['extension']"
                       "['host_copier']['span_loop'])", WEIGHTSYNC_SPAN_LOOP="")
     assert proc.returncode == 0, proc.stderr
@@ -47,11 +49,9 @@ def best_span_loop() -> str:
 
 
 @pytest.mark.parametrize("loop", ["memcpy", "avx", "avx512"])
-def test_forced_span_loop_is_reported_and_copies_exactly(loop, request):
+def test_forced_span_loop_is_reported_and_copies_exactly(loop, best_span_loop):
     """WEIGHTSYNC_SPAN_LOOP picks the small-span loop when the CPU has it (else the best it
     has), backend_info says which, and a plan over odd-sized tensors is bit-exact with it."""
-    if not weightsync.backend_info()["extension"]["loaded"]:
-        pytest.skip("the extension is not loaded")
     code = (
         "import json, torch, weightsync\n"
         "from weightsync.engine import CopyPlan\n"
@@ -67,9 +67,9 @@ def test_forced_span_loop_is_reported_and_copies_exactly(loop, request):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["exact"]
-    best = request.getfixturevalue("best_span_loop")
     order = ["memcpy", "avx", "avx512"]
-    assert out["loop"] == (loop if order.index(loop) <= order.index(best) else best)
+    expected = loop if order.index(loop) <= order.index(best_span_loop) else best_span_loop
+    assert out["loop"] == expected
 
 
 def test_forcing_the_torch_backend(monkeypatch):
