@@ -2,7 +2,8 @@
 
 For each weight set (bench/weight_sets.py) the destinations are the parameters of one module
 instance and the sources those of another instance of the same set. Measured side by side in
-one process, interleaved round by round so that a noisy neighbour slows every method alike:
+one process, interleaved round by round so that a noisy neighbour slows every method alike,
+each sample after a few milliseconds of untimed calls of the same method (:data:`SETTLE_S`):
 
 - ``flat``: one ``dst.copy_(src)`` of two contiguous uint8 buffers of the payload size (the
   floor every other method is held against), with torch's intra-op threads as configured.
@@ -71,9 +72,9 @@ from weightsync.engine.torch_backend import TorchBackend  # noqa: E402
 
 __all__ = [
     "METHODS", "CopyCase", "MethodResult", "SetResult", "make_case", "method_fn", "method_scope",
-    "time_calls", "calls_for", "measure_case", "run_benchmarks", "format_table", "environment",
-    "busy_neighbour", "thread_experiment", "format_thread_table", "serve", "main",
-    "THREAD_SETS", "THREAD_SWEEP", "NEIGHBOURS",
+    "time_calls", "calls_for", "settle", "SETTLE_S", "measure_case", "run_benchmarks",
+    "format_table", "environment", "busy_neighbour", "thread_experiment", "format_thread_table",
+    "serve", "main", "THREAD_SETS", "THREAD_SWEEP", "NEIGHBOURS",
 ]
 
 #: Every method, in table order.
@@ -267,13 +268,32 @@ def calls_for(fn: Callable[[], None], min_sample_s: float, max_calls: int = 10_0
         calls = min(max_calls, max(2 * calls, wanted))
 
 
+#: Untimed calls of a method before each of its samples, in seconds. Torch's OpenMP workers
+#: keep spinning for several milliseconds after each parallel region (libgomp's default spin
+#: count; measured 8 ms on a 2-core EPYC VM), and while they spin they hold the core the host
+#: copier's helper needs: the plan's first calls after a sample of ``flat`` ran at one-thread
+#: speed (85-91 us against 45 us on many-small's bytes as one span). Settling first measures
+#: each method in its own steady state instead of in the previous method's wake.
+SETTLE_S = 0.015
+
+
+def settle(fn: Callable[[], None], seconds: float = SETTLE_S) -> None:
+    """Call ``fn`` back to back, untimed, for ``seconds`` (at least once)."""
+    end = time.perf_counter() + seconds
+    fn()
+    while time.perf_counter() < end:
+        fn()
+
+
 def measure_case(case: CopyCase, methods: Sequence[str] = METHODS, rounds: int = 7,
-                 min_sample_s: float = 0.02, verify: bool = True) -> SetResult:
+                 min_sample_s: float = 0.02, verify: bool = True,
+                 settle_s: float = SETTLE_S) -> SetResult:
     """Time every method on ``case``, round-robin, and compute ratios against ``flat``.
 
     Each round takes one sample of every method (in an order rotated per round), a sample
-    being enough back-to-back calls to last ``min_sample_s``. The per-call median over rounds
-    is the reported time; ``flat`` is always measured, since the ratios need it.
+    being enough back-to-back calls to last ``min_sample_s``, after ``settle_s`` of untimed
+    calls of the same method (see :data:`SETTLE_S`). The per-call median over rounds is the
+    reported time; ``flat`` is always measured, since the ratios need it.
     """
     methods = list(dict.fromkeys(("flat", *methods)))
     fns = {m: method_fn(m, case) for m in methods}
@@ -291,6 +311,7 @@ def measure_case(case: CopyCase, methods: Sequence[str] = METHODS, rounds: int =
             shift = r % len(methods)
             for m in methods[shift:] + methods[:shift]:
                 with method_scope(m):
+                    settle(fns[m], settle_s)
                     samples[m].append(time_calls(fns[m], calls[m]))
     flat, flat_best = median(samples["flat"]), min(samples["flat"])
     flat_1t = median(samples["flat-1t"]) if "flat-1t" in samples else None
@@ -491,6 +512,7 @@ def serve(sets: Sequence[str], methods: Sequence[str], min_sample_s: float = 0.0
                 out[name] = {}
                 for m, fn in fns[name].items():
                     with method_scope(m):
+                        settle(fn)
                         out[name][m] = time_calls(fn, calls[name][m])
             print(json.dumps(out), flush=True)
     return 0
