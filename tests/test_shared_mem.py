@@ -96,7 +96,7 @@ def in_process(n: int = 2, *, mode: str = "copy", workers=None, init=None, **kwa
     sender = SharedMemWeightSyncScheme(mode=mode, **kwargs)
     with ExitStack() as stack:
         stack.callback(sender.shutdown)
-        (init or (lambda s: s.init_on_sender(model=trainer, num_workers=n)))(sender)
+        (init or (lambda s, t: s.init_on_sender(model=t, num_workers=n)))(sender, trainer)
         blob = pickle.dumps(sender)
         sender.connect()
         sides = []
@@ -426,24 +426,138 @@ class _FakeCollector:
         self.policy_device = devices
 
 
-@pytest.mark.parametrize("form", ["context", "params_map", "weights_devices", "model_map_fn"])
-def test_init_on_sender_forms(form):
-    source = randomize(TinyModel(), 31)
-    td = TensorDict.from_module(source)
+def _state_of(td: TensorDict) -> dict[str, torch.Tensor]:
+    """A TinyModel's TensorDict as its state_dict (same keys, same order)."""
+    return {k: td.get(tuple(k.split("."))) for k in TinyModel().state_dict()}
 
-    def init(s):
-        if form == "context":
-            s.init_on_sender(model_id="policy", context=_FakeCollector(source, ["cpu", "cpu"]))
-        elif form == "params_map":
-            s.init_on_sender(params_map={0: td, 1: td})
-        elif form == "weights_devices":
-            s.init_on_sender(weights=td, devices=[torch.device("cpu")] * 2)
-        else:
-            s.init_on_sender(model=source, device_map_fn=lambda i, w: TensorDict.from_module(w), num_workers=2)
 
-    with in_process(2, init=init) as (trainer, sender, sides):
-        for s in sides:
-            assert_same_weights(s.model, source)
+def _register(form: str, scheme, trainer: nn.Module, n: int) -> None:
+    """``init_on_sender`` in form ``form``, every form registering ``trainer``'s weights for
+    ``n`` CPU workers."""
+    cpus = [torch.device("cpu")] * n
+    if form == "context":
+        scheme.init_on_sender(model_id="policy", context=_FakeCollector(trainer, cpus))
+    elif form == "params_map":  # one TensorDict per worker, all over the trainer's tensors
+        scheme.init_on_sender(params_map={w: TensorDict.from_module(trainer) for w in range(n)})
+    elif form == "weights_devices":
+        scheme.init_on_sender(weights=TensorDict.from_module(trainer), devices=cpus)
+    elif form == "model_devices":
+        scheme.init_on_sender(model=trainer, devices=cpus)
+    elif form == "model_num_workers":
+        scheme.init_on_sender(model=trainer, num_workers=n)
+    elif form == "model_map_fn_clone":  # a copy per worker, as w.to(device) is on another device
+        scheme.init_on_sender(model=trainer, device_map_fn=lambda i, w: w.clone(), num_workers=n)
+    elif form == "model_map_fn_to":  # a new TensorDict per worker over the same tensors
+        scheme.init_on_sender(model=trainer, device_map_fn=lambda i, w: w.to("cpu"), num_workers=n)
+    elif form == "weights_map_fn_clone":
+        scheme.init_on_sender(weights=TensorDict.from_module(trainer),
+                              device_map_fn=lambda i, w: w.clone(), num_workers=n)
+    else:
+        raise ValueError(form)
+
+
+_FORMS = ["context", "params_map", "weights_devices", "model_devices", "model_num_workers",
+          "model_map_fn_clone", "model_map_fn_to", "weights_map_fn_clone"]
+
+
+@pytest.mark.parametrize("mode", ["copy", "view"])
+@pytest.mark.parametrize("form", _FORMS)
+def test_init_on_sender_forms_share_one_arena_and_send_the_trainer_as_it_is_now(form, mode):
+    # Every form registers the trainer once: its CPU workers share one arena (one write per
+    # send), and send() without weights reads the trainer as it is at that moment; a
+    # device_map_fn's copies only say where each worker lives.
+    n = 3
+    with in_process(n, mode=mode, sync=False, init=lambda s, t: _register(form, s, t, n)) as (
+        trainer, sender, sides
+    ):
+        assert len(sender.segment_names()) == 1
+        for side in sides:
+            assert_same_weights(side.model, trainer)
+        for step in range(1, 4):
+            randomize(trainer, 40 + step)  # in place, as an optimiser step
+            sender.send()
+            for side in sides:
+                assert side.scheme.receive() is not None
+                assert side.scheme.weights_version == step
+                assert_same_weights(side.model, trainer)
+
+
+def test_device_map_fn_gets_a_tensordict_and_never_the_trainer():
+    # As in TorchRL, the function gets a TensorDict of the weights: the usual
+    # ``w.to(device)`` on the module itself would move the trainer; writing into what it got
+    # is the caller's business, but nothing of the trainer may be replaced.
+    trainer = randomize(TinyModel(), 45)
+    before = snapshot(trainer)
+    def params():
+        return [trainer.lin.weight, trainer.lin.bias, trainer.scale]
+
+    before_params = params()
+    seen = []
+
+    def fn(i, w):
+        seen.append((i, type(w)))
+        return w.to("cpu").clone()
+
+    sender = SharedMemWeightSyncScheme(background=False)
+    try:
+        sender.init_on_sender(model=trainer, device_map_fn=fn, num_workers=2)
+        assert seen == [(0, TensorDict), (1, TensorDict)]
+        assert all(a is b for a, b in zip(params(), before_params))
+        assert_same_weights(trainer, before)
+        assert sender._worker_devices == {0: "cpu", 1: "cpu"}
+    finally:
+        sender.shutdown()
+
+
+def test_device_map_fn_result_that_does_not_fit_names_the_worker_and_key():
+    sender = SharedMemWeightSyncScheme(background=False)
+    with pytest.raises(KeyMismatchError,
+                       match=r"device_map_fn returned for worker 1 has no tensor 'scale'"):
+        sender.init_on_sender(model=TinyModel(), num_workers=2,
+                              device_map_fn=lambda i, w: w.exclude("scale") if i == 1 else w)
+    with pytest.raises(DTypeMismatchError,
+                       match=r"key 'scale'.* device_map_fn returned for worker 0 dtype float32"):
+        sender.init_on_sender(model=TinyModel(), num_workers=2,
+                              device_map_fn=lambda i, w: w.apply(lambda t: t.float()))
+    with pytest.raises(InvalidArgumentError,
+                       match=r"device_map_fn returned for worker 0: weights must be"):
+        sender.init_on_sender(model=TinyModel(), num_workers=1, device_map_fn=lambda i, w: None)
+    assert not sender.initialized_on_sender and sender.segment_names() == []
+
+
+def test_params_map_copies_are_different_weights_with_an_arena_each():
+    # Copies can change on their own: each worker gets its own entry, at connect and at
+    # every send() without weights.
+    n = 3
+    entries = {}
+
+    def init(s, t):
+        for w in range(n):
+            entries[w] = TensorDict.from_module(randomize(TinyModel(), 50 + w)).data
+        s.init_on_sender(params_map=entries)
+
+    with in_process(n, sync=False, init=init) as (trainer, sender, sides):
+        assert len(sender.segment_names()) == n
+        for w, side in enumerate(sides):
+            assert_same_weights(side.model, _state_of(entries[w]))
+        entries[1]["lin", "weight"].fill_(7.0)
+        sender.send()
+        for w, side in enumerate(sides):
+            assert side.scheme.receive() is not None
+            assert_same_weights(side.model, _state_of(entries[w]))
+        assert torch.equal(sides[1].model.lin.weight, torch.full((3, 4), 7.0))
+
+
+def test_per_worker_weights_keeps_an_arena_per_worker_in_every_form():
+    def init(s, t):
+        _register("model_map_fn_to", s, t, 3)
+
+    with in_process(3, sync=False, per_worker_weights=True, init=init) as (trainer, sender, sides):
+        assert len(sender.segment_names()) == 3
+        w1 = randomize(TinyModel(), 61)
+        sender.send({1: w1})
+        assert [side.scheme.receive() is not None for side in sides] == [False, True, False]
+        assert_same_weights(sides[1].model, w1)
 
 
 def test_init_on_sender_rejects_bad_combinations():
@@ -1082,6 +1196,63 @@ def test_gpu_sender_to_cpu_workers(mode):
             r.shutdown()
     finally:
         sender.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_gpu_trainer_device_map_fn_to_cpu_workers_follows_the_trainer(mode):
+    # The usual TorchRL call for a CUDA trainer with CPU workers: w.to("cpu") is a copy per
+    # worker. The workers share one (host) arena and send() carries the trainer as it is now.
+    trainer = randomize(TinyModel(), 73).cuda()
+    sender = SharedMemWeightSyncScheme(mode=mode, background=False, sync=False)
+    sender.init_on_sender(model=trainer, device_map_fn=lambda i, w: w.to("cpu"), num_workers=3)
+    try:
+        assert len(sender.segment_names()) == 1
+        assert {t.slot_device for t in sender._tickets.values()} == {"cpu"}
+        blob = pickle.dumps(sender)
+        sender.connect()
+        receivers = []
+        for w in range(3):
+            r = pickle.loads(blob)
+            m = TinyModel()
+            r.init_on_receiver(model_id="policy", model=m, worker_idx=w)
+            r.connect(worker_idx=w)
+            receivers.append((r, m))
+        for step in range(1, 3):
+            randomize(trainer, 73 + step)  # in place, on the GPU
+            sender.send()
+            for r, m in receivers:
+                assert r.receive() is not None
+                assert_same_weights(m, trainer)
+        for r, _ in receivers:
+            r.shutdown()
+    finally:
+        sender.shutdown()
+
+
+@pytest.mark.gpu
+def test_gpu_trainer_workers_share_one_arena_per_device_group():
+    # Workers on the trainer's GPU share a device arena, the others one host arena, whatever
+    # the form; only per_worker_weights gives each its own.
+    trainer = randomize(TinyModel(), 77).cuda()
+    where = ["cuda:0", "cpu", "cpu", "cuda:0"]
+    forms = {
+        "devices": dict(model=trainer, devices=where),
+        "device_map_fn": dict(model=trainer, device_map_fn=lambda i, w: w.to(where[i]),
+                              num_workers=len(where)),
+        "params_map": dict(params_map={i: TensorDict.from_module(trainer).to(where[i])
+                                       for i in range(len(where))}),
+    }
+    for form, kwargs in forms.items():
+        sender = SharedMemWeightSyncScheme(background=False)
+        try:
+            sender.init_on_sender(**kwargs)
+            expected = 3 if form == "params_map" else 2  # the CPU copies are weights of their own
+            assert len(sender.segment_names()) == expected, form
+            assert [sender._tickets[w].slot_device for w in range(4)] == \
+                ["cuda:0", "cpu", "cpu", "cuda:0"], form
+        finally:
+            sender.shutdown()
 
 
 @pytest.mark.gpu
