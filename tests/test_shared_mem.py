@@ -333,30 +333,52 @@ def test_sync_subset_sends_with_the_default_slots():
                 assert sides[w].scheme.weights_version == v
 
 
-def test_lagging_view_workers_behind_subset_sends():
-    # Each lagging view-mode worker holds the slot it views plus its own untaken offer.
-    # With workers + 2 slots that can exhaust the arena: the error names who holds what.
-    def lag(sender, sides):
-        for w in range(3):
-            sender.send(randomize(TinyModel(), 400 + w), worker_ids=[w])
-            assert sides[w].scheme.receive() is not None
-        sender.send(randomize(TinyModel(), 410), worker_ids=[0])  # not taken
-        sender.send(randomize(TinyModel(), 411), worker_ids=[1])  # not taken
-        last = randomize(TinyModel(), 412)
-        sender.send(last, worker_ids=[2])
-        return last
+def _lag_behind_subset_sends(sender, sides):
+    """Leave each of 3 view-mode workers viewing one slot with an untaken offer of another,
+    a different one per worker: 6 slots busy, and the last send needs a seventh."""
+    for w in range(3):
+        sender.send(randomize(TinyModel(), 400 + w), worker_ids=[w])
+        assert sides[w].scheme.receive() is not None
+    sender.send(randomize(TinyModel(), 410), worker_ids=[0])  # not taken
+    sender.send(randomize(TinyModel(), 411), worker_ids=[1])  # not taken
+    last = randomize(TinyModel(), 412)
+    sender.send(last, worker_ids=[2])
+    return last
 
-    with in_process(3, mode="view", sync=False, timeout=0.3) as (trainer, sender, sides):
-        with pytest.raises(WeightSyncTimeout, match=r"no free slot among 5 .* not yet taken by workers \{0: \d, 1: \d\}, slots viewed by workers \{0: \d, 1: \d, 2: \d\}") as info:
-            lag(sender, sides)
-        assert sorted(info.value.workers) == [0, 1, 2]
-    with in_process(3, mode="view", sync=False, slots=7) as (trainer, sender, sides):
-        last = lag(sender, sides)
+
+def test_lagging_view_workers_behind_subset_sends():
+    # Each lagging view-mode worker holds the slot it views plus its own untaken offer. The
+    # default for sync=False (2 x workers + 1) lets such async sends go on without waiting
+    # for a free slot; an explicit slots= too small for it raises the typed error, naming who
+    # holds what, once the timeout is up.
+    with in_process(3, mode="view", sync=False, timeout=2.0) as (trainer, sender, sides):
+        assert sender.slots is None
+        t0 = time.monotonic()
+        last = _lag_behind_subset_sends(sender, sides)
+        assert time.monotonic() - t0 < 2.0  # no send waited out the timeout
         assert sides[2].scheme.receive() is not None
         assert_same_weights(sides[2].model, last)
         for w, seed in ((0, 410), (1, 411)):
             assert sides[w].scheme.receive() is not None
             assert_same_weights(sides[w].model, randomize(TinyModel(), seed))
+    with in_process(3, mode="view", sync=False, slots=5, timeout=0.3) as (trainer, sender, sides):
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncTimeout, match=r"no free slot among 5 .* not yet taken by workers \{0: \d, 1: \d\}, slots viewed by workers \{0: \d, 1: \d, 2: \d\}") as info:
+            _lag_behind_subset_sends(sender, sides)
+        assert time.monotonic() - t0 < 3.0
+        assert sorted(info.value.workers) == [0, 1, 2]
+        assert info.value.alive == {0: True, 1: True, 2: True}
+
+
+@pytest.mark.parametrize(("mode", "sync", "expected"), [
+    ("view", False, 2 * 3 + 1),  # a slot viewed and a different untaken offer per worker
+    ("view", True, 3 + 2),
+    ("copy", False, 3 + 2),
+    ("copy", True, 3),
+])
+def test_default_slot_counts(mode, sync, expected):
+    with in_process(3, mode=mode, sync=sync) as (trainer, sender, sides):
+        assert [sa.arena.nslots for sa in sender._sender._arenas] == [expected]
 
 
 def fcntl_lock(arena, slot: int) -> int:
@@ -1445,11 +1467,12 @@ def test_sends_take_the_native_path_when_the_library_is_active(backend, mode, mo
 
 
 def test_native_send_without_a_free_slot_hands_over_to_python(native, monkeypatch):
-    # The lagging-workers case above, counting who does what: the native call finds no free
-    # slot, changes nothing, and Python's acquire_slot waits, then names who holds the slots.
+    # The lagging-workers case above with too few slots (the default has enough), counting
+    # who does what: the native call finds no free slot, changes nothing, and Python's
+    # acquire_slot waits, then names who holds the slots.
     monkeypatch.setenv("WEIGHTSYNC_BACKEND", "native")
     calls = _count_python_protocol(monkeypatch)
-    with in_process(3, mode="view", sync=False, timeout=0.3) as (trainer, sender, sides):
+    with in_process(3, mode="view", sync=False, slots=5, timeout=0.3) as (trainer, sender, sides):
         for w in range(3):
             sender.send(randomize(TinyModel(), 400 + w), worker_ids=[w])
             assert sides[w].scheme.receive() is not None

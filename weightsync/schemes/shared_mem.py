@@ -134,10 +134,15 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             worker's own tensors; the only way for GPU workers) or ``"view"`` (CPU workers;
             their tensors become views into the shared slot, re-pointed at each version, so no
             byte moves on the worker; the tensors must not be written by the worker).
-        slots: slots per arena. Default: 3 in copy mode with ``sync``, workers + 2 otherwise
-            (enough that a slow worker never makes ``send`` wait for a free slot while sends
-            go to every worker; view-mode workers that lag behind sends to subsets of them
-            can need up to 2 x workers + 1).
+        slots: slots per arena. Default, for the workers sharing an arena: 2 x workers + 1
+            in view mode without ``sync`` (a lagging view-mode worker holds the slot it views
+            and an offer it has not taken, different for each worker after sends to subsets);
+            3 in copy mode with ``sync``; workers + 2 otherwise. These are enough that
+            ``sync=False`` never waits for a free slot because a worker is slow (see
+            :func:`~weightsync.transports.shared_mem.default_slots`). Chosen at
+            ``init_on_sender`` from ``mode`` and ``sync``: set ``sync`` before then. With
+            fewer slots, a send that finds none free within ``timeout`` raises
+            :class:`~weightsync.errors.WeightSyncTimeout` naming the workers holding them.
         timeout: bound in seconds on every wait (acks, a free slot, the first weights at
             connect). Default 10.
         background: on workers, apply updates from a background thread as they arrive, like
@@ -275,9 +280,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             any_cuda |= source_device.type == "cuda" or (wdev is not None and wdev.type == "cuda")
             key = (w if self.per_worker_weights else id(src), str(slot_device))
             groups.setdefault(key, (named, [], slot_device))[1].append(w)
-        slots = self.slots
-        if slots is None and self.mode == "copy" and self.sync:
-            slots = 3
+        slots = self.slots  # None: the transport sizes each arena (default_slots)
         if slots is not None and self.mode == "view":
             biggest = max(len(ws) for _, ws, _ in groups.values())
             if slots < biggest + 2:
