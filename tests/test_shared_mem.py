@@ -215,24 +215,75 @@ def test_send_without_weights_snapshots_the_registered_model():
         assert torch.equal(sides[0].model.scale, torch.full((2,), 3.0, dtype=torch.float64))
 
 
-def test_trainer_is_never_shared_and_never_overwritten():
-    with in_process(2, mode="view") as (trainer, sender, sides):
-        before = snapshot(trainer)
-        ptrs = {k: t.data_ptr() for k, t in trainer.state_dict().items()}
-        for t in (*trainer.parameters(), *trainer.buffers()):
-            assert not t.is_shared()
-        sender.sync = False
-        sender.send(randomize(TinyModel(), 5))
-        sender.send(TensorDict.from_module(randomize(TinyModel(), 6)))
+def _mapped_ranges(names) -> list[tuple[int, int]]:
+    """Every address range of this process that maps one of the segments ``names`` (the
+    sender's mappings, in-process receivers' and any window onto them)."""
+    paths = {os.path.join(SHM_DIR, n) for n in names}
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] in paths:
+                lo, hi = fields[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def _trainer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_trainer_is_never_shared_and_never_overwritten(mode):
+    # TorchRL moves the trainer's parameters into shared memory and sends write into them.
+    # Here the trainer's tensors must stay where they were before init_on_sender, outside
+    # every mapping of every arena, and keep their bytes while other weights go through every
+    # slot of the arena.
+    before: dict[str, torch.Tensor] = {}
+    ptrs: dict[str, int] = {}
+    objects: dict[str, torch.Tensor] = {}
+
+    def init(s, trainer):
+        before.update(snapshot(trainer))
+        for k, t in _trainer_tensors(trainer).items():
+            ptrs[k], objects[k] = t.data_ptr(), t
+        s.init_on_sender(model=trainer, num_workers=2)
+
+    with in_process(2, mode=mode, sync=False, init=init) as (trainer, sender, sides):
+        names = sender.segment_names()
+        assert names
+        for name in names:
+            seg = os.stat(os.path.join(SHM_DIR, name))
+            assert stat.S_IMODE(seg.st_mode) == 0o600
+        arena = sender._sender._arenas[0].arena
+        written = set()
+        for v in range(1, 4 * arena.nslots + 1):
+            other = randomize(TinyModel(), 700 + v)
+            sender.send(other if v % 2 else TensorDict.from_module(other))
+            written |= {s for s in range(arena.nslots) if arena.slot_version(s) == v}
+            for side in sides:
+                assert side.scheme.receive() is not None
+                assert_same_weights(side.model, other)
+        assert written == set(range(arena.nslots))  # every slot was written at least once
+        sender.send()  # reads the trainer: still only reads it
+        for side in sides:
+            assert side.scheme.receive() is not None
+        ranges = _mapped_ranges(names)
+        assert ranges  # the sender's and the receivers' mappings
+        tensors = _trainer_tensors(trainer)
+        assert all(tensors[k] is objects[k] for k in objects) and set(tensors) == set(objects)
+        assert {k: t.data_ptr() for k, t in tensors.items()} == ptrs
+        for k, t in tensors.items():
+            storage = t.untyped_storage()
+            lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+            assert not any(lo < end and start < hi for start, end in ranges), f"{k} is in an arena"
         assert_same_weights(trainer, before)
-        assert {k: t.data_ptr() for k, t in trainer.state_dict().items()} == ptrs
-        # Worker tensors live in the arena, the trainer's do not.
-        seg = os.stat(os.path.join(SHM_DIR, sender.segment_names()[0]))
-        assert stat.S_IMODE(seg.st_mode) == 0o600
-        sides[0].scheme.receive()
-        lo = sides[0].scheme._receiver_transport.arena.segment.tensor.data_ptr()
-        hi = lo + sides[0].scheme._receiver_transport.arena.segment.size
-        assert all(lo <= t.data_ptr() < hi for t in sides[0].model.parameters())
+        for side in sides:
+            assert_same_weights(side.model, trainer)
+        if mode == "view":
+            # The workers' tensors, by contrast, live in the arena.
+            assert all(any(start <= t.data_ptr() < end for start, end in ranges)
+                       for side in sides for t in side.model.parameters())
 
 
 def test_view_mode_repoints_without_copying():
