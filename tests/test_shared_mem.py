@@ -7,10 +7,12 @@ process tests spawn real workers. GPU tests are marked and skip without CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import multiprocessing as mp
 import os
 import pickle
+import re
 import signal
 import stat
 import subprocess
@@ -1207,9 +1209,16 @@ def test_processes_hammer_a_megabyte_model_with_async_sends(mode):
         scheme.shutdown()
 
 
-def test_killed_sender_is_reported_by_receive_and_leaves_no_segment():
+@pytest.mark.parametrize("mode", ["copy", "view"])
+@pytest.mark.parametrize("background", [False, True], ids=["receive", "background"])
+def test_killed_sender_is_reported_and_leaves_no_segment(mode, background):
+    # A sender killed with SIGKILL: receive() raises the typed error within its timeout.
+    # With a background receiver (the native loop where the library has one), the thread
+    # stops on that error, records it in background_error and warns; guard() keeps working
+    # and the worker keeps the last weights it took. The dead sender's reaper removes the name.
+    died = r"^worker 0: the sender of arena weightsync-[0-9a-f]+ \(pid \d+\) died$"
     parent, child = CTX.Pipe()
-    proc = CTX.Process(target=scheme_sender, args=(child,), daemon=True)
+    proc = CTX.Process(target=scheme_sender, args=(child, mode), daemon=True)
     proc.start()
     try:
         blob = _recv(parent, "scheme")[1]
@@ -1217,24 +1226,41 @@ def test_killed_sender_is_reported_by_receive_and_leaves_no_segment():
         model = TinyModel()
         receiver.init_on_receiver(model_id="policy", model=model, worker_idx=0)
         receiver.timeout = 10.0
-        receiver.background = False
+        receiver.background = background
         receiver.connect(worker_idx=0)
+        if background:
+            _wait_for_native_loop(receiver)
+        held = snapshot(model)
         path = os.path.join(SHM_DIR, receiver._receiver_transport.arena.name)
         assert os.path.exists(path)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(JOIN_TIMEOUT)
-        t0 = time.monotonic()
-        with pytest.raises(PeerDiedError, match=r"the sender of arena weightsync-[0-9a-f]+ \(pid \d+\) died"):
+        warned = (pytest.warns(RuntimeWarning, match=r"receiver of worker 0 stopped: PeerDiedError")
+                  if background else contextlib.nullcontext())
+        with warned:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(JOIN_TIMEOUT)
+            t0 = time.monotonic()
+            if background:
+                thread = receiver._background_thread
+                thread.join(receiver.timeout)
+                assert not thread.is_alive()
+                assert time.monotonic() - t0 < receiver.timeout
+        if background:
+            assert isinstance(receiver.background_error, PeerDiedError)
+            assert re.search(died, str(receiver.background_error))
+        t1 = time.monotonic()
+        with pytest.raises(PeerDiedError, match=died):
             while True:
                 receiver.receive(timeout=2.0)
-        assert time.monotonic() - t0 < 2.5
+        assert time.monotonic() - t1 < 2.5
+        with receiver.guard():
+            assert_same_weights(model, held)
         # The dead sender's reaper removed the name; the worker's weights stay valid.
         deadline = time.monotonic() + 10
         while os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not os.path.exists(path)
-        assert model.lin.weight.abs().sum() > 0
         receiver.shutdown()
+        assert_same_weights(model, held)
     finally:
         if proc.is_alive():
             proc.kill()

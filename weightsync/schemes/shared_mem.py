@@ -147,7 +147,10 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             connect). Default 10.
         background: on workers, apply updates from a background thread as they arrive, like
             TorchRL (default). With ``False`` they land only when the worker calls
-            :meth:`receive`.
+            :meth:`receive`. The thread stops quietly when the sender shuts down; on an error
+            (the sender died: :class:`~weightsync.errors.PeerDiedError`) it stops, warns and
+            keeps the error in :attr:`background_error`, and :meth:`receive` raises it too.
+            The model keeps the last version taken, and :meth:`guard` keeps working.
 
     Extra state (``Module.get_extra_state``) is not carried: only parameters and buffers.
     """

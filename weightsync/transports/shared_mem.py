@@ -908,10 +908,8 @@ class SharedMemReceiverTransport:
         if not arena.sender_alive():
             if self.poll():
                 return self.version
-            raise PeerDiedError(
-                f"worker {self.worker}: the sender (pid {arena.sender_pid}) of arena "
-                f"{arena.name} {'shut down' if arena.closed else 'died'}"
-            )
+            # The same words whichever wait noticed first (see Arena.wait_offer).
+            raise PeerDiedError(arena._sender_gone_message())
         return None
 
     def receive_weights(
