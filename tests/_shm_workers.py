@@ -131,13 +131,13 @@ def scheme_worker(conn: Any, schemes: Any, worker_idx: int, model_kind: str, pla
     _report_errors(conn, _scheme_worker, conn, schemes, worker_idx, model_kind, plan, opts)
 
 
-def scheme_sender(conn: Any) -> None:
+def scheme_sender(conn: Any, mode: str = "copy") -> None:
     """A sender of a TinyModel to one worker: sends the pickled scheme, connects, then idles."""
     import pickle
 
     from weightsync.schemes.shared_mem import SharedMemWeightSyncScheme
 
-    scheme = SharedMemWeightSyncScheme(background=False, timeout=10.0)
+    scheme = SharedMemWeightSyncScheme(mode=mode, background=False, timeout=10.0)
     scheme.init_on_sender(model=TinyModel(), num_workers=1)
     conn.send(("scheme", pickle.dumps(scheme)))
     scheme.connect()

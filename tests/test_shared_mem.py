@@ -7,10 +7,12 @@ process tests spawn real workers. GPU tests are marked and skip without CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import multiprocessing as mp
 import os
 import pickle
+import re
 import signal
 import stat
 import subprocess
@@ -96,7 +98,7 @@ def in_process(n: int = 2, *, mode: str = "copy", workers=None, init=None, **kwa
     sender = SharedMemWeightSyncScheme(mode=mode, **kwargs)
     with ExitStack() as stack:
         stack.callback(sender.shutdown)
-        (init or (lambda s: s.init_on_sender(model=trainer, num_workers=n)))(sender)
+        (init or (lambda s, t: s.init_on_sender(model=t, num_workers=n)))(sender, trainer)
         blob = pickle.dumps(sender)
         sender.connect()
         sides = []
@@ -215,24 +217,75 @@ def test_send_without_weights_snapshots_the_registered_model():
         assert torch.equal(sides[0].model.scale, torch.full((2,), 3.0, dtype=torch.float64))
 
 
-def test_trainer_is_never_shared_and_never_overwritten():
-    with in_process(2, mode="view") as (trainer, sender, sides):
-        before = snapshot(trainer)
-        ptrs = {k: t.data_ptr() for k, t in trainer.state_dict().items()}
-        for t in (*trainer.parameters(), *trainer.buffers()):
-            assert not t.is_shared()
-        sender.sync = False
-        sender.send(randomize(TinyModel(), 5))
-        sender.send(TensorDict.from_module(randomize(TinyModel(), 6)))
+def _mapped_ranges(names) -> list[tuple[int, int]]:
+    """Every address range of this process that maps one of the segments ``names`` (the
+    sender's mappings, in-process receivers' and any window onto them)."""
+    paths = {os.path.join(SHM_DIR, n) for n in names}
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] in paths:
+                lo, hi = fields[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def _trainer_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_trainer_is_never_shared_and_never_overwritten(mode):
+    # TorchRL moves the trainer's parameters into shared memory and sends write into them.
+    # Here the trainer's tensors must stay where they were before init_on_sender, outside
+    # every mapping of every arena, and keep their bytes while other weights go through every
+    # slot of the arena.
+    before: dict[str, torch.Tensor] = {}
+    ptrs: dict[str, int] = {}
+    objects: dict[str, torch.Tensor] = {}
+
+    def init(s, trainer):
+        before.update(snapshot(trainer))
+        for k, t in _trainer_tensors(trainer).items():
+            ptrs[k], objects[k] = t.data_ptr(), t
+        s.init_on_sender(model=trainer, num_workers=2)
+
+    with in_process(2, mode=mode, sync=False, init=init) as (trainer, sender, sides):
+        names = sender.segment_names()
+        assert names
+        for name in names:
+            seg = os.stat(os.path.join(SHM_DIR, name))
+            assert stat.S_IMODE(seg.st_mode) == 0o600
+        arena = sender._sender._arenas[0].arena
+        written = set()
+        for v in range(1, 4 * arena.nslots + 1):
+            other = randomize(TinyModel(), 700 + v)
+            sender.send(other if v % 2 else TensorDict.from_module(other))
+            written |= {s for s in range(arena.nslots) if arena.slot_version(s) == v}
+            for side in sides:
+                assert side.scheme.receive() is not None
+                assert_same_weights(side.model, other)
+        assert written == set(range(arena.nslots))  # every slot was written at least once
+        sender.send()  # reads the trainer: still only reads it
+        for side in sides:
+            assert side.scheme.receive() is not None
+        ranges = _mapped_ranges(names)
+        assert ranges  # the sender's and the receivers' mappings
+        tensors = _trainer_tensors(trainer)
+        assert all(tensors[k] is objects[k] for k in objects) and set(tensors) == set(objects)
+        assert {k: t.data_ptr() for k, t in tensors.items()} == ptrs
+        for k, t in tensors.items():
+            storage = t.untyped_storage()
+            lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+            assert not any(lo < end and start < hi for start, end in ranges), f"{k} is in an arena"
         assert_same_weights(trainer, before)
-        assert {k: t.data_ptr() for k, t in trainer.state_dict().items()} == ptrs
-        # Worker tensors live in the arena, the trainer's do not.
-        seg = os.stat(os.path.join(SHM_DIR, sender.segment_names()[0]))
-        assert stat.S_IMODE(seg.st_mode) == 0o600
-        sides[0].scheme.receive()
-        lo = sides[0].scheme._receiver_transport.arena.segment.tensor.data_ptr()
-        hi = lo + sides[0].scheme._receiver_transport.arena.segment.size
-        assert all(lo <= t.data_ptr() < hi for t in sides[0].model.parameters())
+        for side in sides:
+            assert_same_weights(side.model, trainer)
+        if mode == "view":
+            # The workers' tensors, by contrast, live in the arena.
+            assert all(any(start <= t.data_ptr() < end for start, end in ranges)
+                       for side in sides for t in side.model.parameters())
 
 
 def test_view_mode_repoints_without_copying():
@@ -333,30 +386,52 @@ def test_sync_subset_sends_with_the_default_slots():
                 assert sides[w].scheme.weights_version == v
 
 
-def test_lagging_view_workers_behind_subset_sends():
-    # Each lagging view-mode worker holds the slot it views plus its own untaken offer.
-    # With workers + 2 slots that can exhaust the arena: the error names who holds what.
-    def lag(sender, sides):
-        for w in range(3):
-            sender.send(randomize(TinyModel(), 400 + w), worker_ids=[w])
-            assert sides[w].scheme.receive() is not None
-        sender.send(randomize(TinyModel(), 410), worker_ids=[0])  # not taken
-        sender.send(randomize(TinyModel(), 411), worker_ids=[1])  # not taken
-        last = randomize(TinyModel(), 412)
-        sender.send(last, worker_ids=[2])
-        return last
+def _lag_behind_subset_sends(sender, sides):
+    """Leave each of 3 view-mode workers viewing one slot with an untaken offer of another,
+    a different one per worker: 6 slots busy, and the last send needs a seventh."""
+    for w in range(3):
+        sender.send(randomize(TinyModel(), 400 + w), worker_ids=[w])
+        assert sides[w].scheme.receive() is not None
+    sender.send(randomize(TinyModel(), 410), worker_ids=[0])  # not taken
+    sender.send(randomize(TinyModel(), 411), worker_ids=[1])  # not taken
+    last = randomize(TinyModel(), 412)
+    sender.send(last, worker_ids=[2])
+    return last
 
-    with in_process(3, mode="view", sync=False, timeout=0.3) as (trainer, sender, sides):
-        with pytest.raises(WeightSyncTimeout, match=r"no free slot among 5 .* not yet taken by workers \{0: \d, 1: \d\}, slots viewed by workers \{0: \d, 1: \d, 2: \d\}") as info:
-            lag(sender, sides)
-        assert sorted(info.value.workers) == [0, 1, 2]
-    with in_process(3, mode="view", sync=False, slots=7) as (trainer, sender, sides):
-        last = lag(sender, sides)
+
+def test_lagging_view_workers_behind_subset_sends():
+    # Each lagging view-mode worker holds the slot it views plus its own untaken offer. The
+    # default for sync=False (2 x workers + 1) lets such async sends go on without waiting
+    # for a free slot; an explicit slots= too small for it raises the typed error, naming who
+    # holds what, once the timeout is up.
+    with in_process(3, mode="view", sync=False, timeout=2.0) as (trainer, sender, sides):
+        assert sender.slots is None
+        t0 = time.monotonic()
+        last = _lag_behind_subset_sends(sender, sides)
+        assert time.monotonic() - t0 < 2.0  # no send waited out the timeout
         assert sides[2].scheme.receive() is not None
         assert_same_weights(sides[2].model, last)
         for w, seed in ((0, 410), (1, 411)):
             assert sides[w].scheme.receive() is not None
             assert_same_weights(sides[w].model, randomize(TinyModel(), seed))
+    with in_process(3, mode="view", sync=False, slots=5, timeout=0.3) as (trainer, sender, sides):
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncTimeout, match=r"no free slot among 5 .* not yet taken by workers \{0: \d, 1: \d\}, slots viewed by workers \{0: \d, 1: \d, 2: \d\}") as info:
+            _lag_behind_subset_sends(sender, sides)
+        assert time.monotonic() - t0 < 3.0
+        assert sorted(info.value.workers) == [0, 1, 2]
+        assert info.value.alive == {0: True, 1: True, 2: True}
+
+
+@pytest.mark.parametrize(("mode", "sync", "expected"), [
+    ("view", False, 2 * 3 + 1),  # a slot viewed and a different untaken offer per worker
+    ("view", True, 3 + 2),
+    ("copy", False, 3 + 2),
+    ("copy", True, 3),
+])
+def test_default_slot_counts(mode, sync, expected):
+    with in_process(3, mode=mode, sync=sync) as (trainer, sender, sides):
+        assert [sa.arena.nslots for sa in sender._sender._arenas] == [expected]
 
 
 def fcntl_lock(arena, slot: int) -> int:
@@ -426,24 +501,138 @@ class _FakeCollector:
         self.policy_device = devices
 
 
-@pytest.mark.parametrize("form", ["context", "params_map", "weights_devices", "model_map_fn"])
-def test_init_on_sender_forms(form):
-    source = randomize(TinyModel(), 31)
-    td = TensorDict.from_module(source)
+def _state_of(td: TensorDict) -> dict[str, torch.Tensor]:
+    """A TinyModel's TensorDict as its state_dict (same keys, same order)."""
+    return {k: td.get(tuple(k.split("."))) for k in TinyModel().state_dict()}
 
-    def init(s):
-        if form == "context":
-            s.init_on_sender(model_id="policy", context=_FakeCollector(source, ["cpu", "cpu"]))
-        elif form == "params_map":
-            s.init_on_sender(params_map={0: td, 1: td})
-        elif form == "weights_devices":
-            s.init_on_sender(weights=td, devices=[torch.device("cpu")] * 2)
-        else:
-            s.init_on_sender(model=source, device_map_fn=lambda i, w: TensorDict.from_module(w), num_workers=2)
 
-    with in_process(2, init=init) as (trainer, sender, sides):
-        for s in sides:
-            assert_same_weights(s.model, source)
+def _register(form: str, scheme, trainer: nn.Module, n: int) -> None:
+    """``init_on_sender`` in form ``form``, every form registering ``trainer``'s weights for
+    ``n`` CPU workers."""
+    cpus = [torch.device("cpu")] * n
+    if form == "context":
+        scheme.init_on_sender(model_id="policy", context=_FakeCollector(trainer, cpus))
+    elif form == "params_map":  # one TensorDict per worker, all over the trainer's tensors
+        scheme.init_on_sender(params_map={w: TensorDict.from_module(trainer) for w in range(n)})
+    elif form == "weights_devices":
+        scheme.init_on_sender(weights=TensorDict.from_module(trainer), devices=cpus)
+    elif form == "model_devices":
+        scheme.init_on_sender(model=trainer, devices=cpus)
+    elif form == "model_num_workers":
+        scheme.init_on_sender(model=trainer, num_workers=n)
+    elif form == "model_map_fn_clone":  # a copy per worker, as w.to(device) is on another device
+        scheme.init_on_sender(model=trainer, device_map_fn=lambda i, w: w.clone(), num_workers=n)
+    elif form == "model_map_fn_to":  # a new TensorDict per worker over the same tensors
+        scheme.init_on_sender(model=trainer, device_map_fn=lambda i, w: w.to("cpu"), num_workers=n)
+    elif form == "weights_map_fn_clone":
+        scheme.init_on_sender(weights=TensorDict.from_module(trainer),
+                              device_map_fn=lambda i, w: w.clone(), num_workers=n)
+    else:
+        raise ValueError(form)
+
+
+_FORMS = ["context", "params_map", "weights_devices", "model_devices", "model_num_workers",
+          "model_map_fn_clone", "model_map_fn_to", "weights_map_fn_clone"]
+
+
+@pytest.mark.parametrize("mode", ["copy", "view"])
+@pytest.mark.parametrize("form", _FORMS)
+def test_init_on_sender_forms_share_one_arena_and_send_the_trainer_as_it_is_now(form, mode):
+    # Every form registers the trainer once: its CPU workers share one arena (one write per
+    # send), and send() without weights reads the trainer as it is at that moment; a
+    # device_map_fn's copies only say where each worker lives.
+    n = 3
+    with in_process(n, mode=mode, sync=False, init=lambda s, t: _register(form, s, t, n)) as (
+        trainer, sender, sides
+    ):
+        assert len(sender.segment_names()) == 1
+        for side in sides:
+            assert_same_weights(side.model, trainer)
+        for step in range(1, 4):
+            randomize(trainer, 40 + step)  # in place, as an optimiser step
+            sender.send()
+            for side in sides:
+                assert side.scheme.receive() is not None
+                assert side.scheme.weights_version == step
+                assert_same_weights(side.model, trainer)
+
+
+def test_device_map_fn_gets_a_tensordict_and_never_the_trainer():
+    # As in TorchRL, the function gets a TensorDict of the weights: the usual
+    # ``w.to(device)`` on the module itself would move the trainer; writing into what it got
+    # is the caller's business, but nothing of the trainer may be replaced.
+    trainer = randomize(TinyModel(), 45)
+    before = snapshot(trainer)
+    def params():
+        return [trainer.lin.weight, trainer.lin.bias, trainer.scale]
+
+    before_params = params()
+    seen = []
+
+    def fn(i, w):
+        seen.append((i, type(w)))
+        return w.to("cpu").clone()
+
+    sender = SharedMemWeightSyncScheme(background=False)
+    try:
+        sender.init_on_sender(model=trainer, device_map_fn=fn, num_workers=2)
+        assert seen == [(0, TensorDict), (1, TensorDict)]
+        assert all(a is b for a, b in zip(params(), before_params))
+        assert_same_weights(trainer, before)
+        assert sender._worker_devices == {0: "cpu", 1: "cpu"}
+    finally:
+        sender.shutdown()
+
+
+def test_device_map_fn_result_that_does_not_fit_names_the_worker_and_key():
+    sender = SharedMemWeightSyncScheme(background=False)
+    with pytest.raises(KeyMismatchError,
+                       match=r"device_map_fn returned for worker 1 has no tensor 'scale'"):
+        sender.init_on_sender(model=TinyModel(), num_workers=2,
+                              device_map_fn=lambda i, w: w.exclude("scale") if i == 1 else w)
+    with pytest.raises(DTypeMismatchError,
+                       match=r"key 'scale'.* device_map_fn returned for worker 0 dtype float32"):
+        sender.init_on_sender(model=TinyModel(), num_workers=2,
+                              device_map_fn=lambda i, w: w.apply(lambda t: t.float()))
+    with pytest.raises(InvalidArgumentError,
+                       match=r"device_map_fn returned for worker 0: weights must be"):
+        sender.init_on_sender(model=TinyModel(), num_workers=1, device_map_fn=lambda i, w: None)
+    assert not sender.initialized_on_sender and sender.segment_names() == []
+
+
+def test_params_map_copies_are_different_weights_with_an_arena_each():
+    # Copies can change on their own: each worker gets its own entry, at connect and at
+    # every send() without weights.
+    n = 3
+    entries = {}
+
+    def init(s, t):
+        for w in range(n):
+            entries[w] = TensorDict.from_module(randomize(TinyModel(), 50 + w)).data
+        s.init_on_sender(params_map=entries)
+
+    with in_process(n, sync=False, init=init) as (trainer, sender, sides):
+        assert len(sender.segment_names()) == n
+        for w, side in enumerate(sides):
+            assert_same_weights(side.model, _state_of(entries[w]))
+        entries[1]["lin", "weight"].fill_(7.0)
+        sender.send()
+        for w, side in enumerate(sides):
+            assert side.scheme.receive() is not None
+            assert_same_weights(side.model, _state_of(entries[w]))
+        assert torch.equal(sides[1].model.lin.weight, torch.full((3, 4), 7.0))
+
+
+def test_per_worker_weights_keeps_an_arena_per_worker_in_every_form():
+    def init(s, t):
+        _register("model_map_fn_to", s, t, 3)
+
+    with in_process(3, sync=False, per_worker_weights=True, init=init) as (trainer, sender, sides):
+        assert len(sender.segment_names()) == 3
+        w1 = randomize(TinyModel(), 61)
+        sender.send({1: w1})
+        assert [side.scheme.receive() is not None for side in sides] == [False, True, False]
+        assert_same_weights(sides[1].model, w1)
 
 
 def test_init_on_sender_rejects_bad_combinations():
@@ -1020,9 +1209,16 @@ def test_processes_hammer_a_megabyte_model_with_async_sends(mode):
         scheme.shutdown()
 
 
-def test_killed_sender_is_reported_by_receive_and_leaves_no_segment():
+@pytest.mark.parametrize("mode", ["copy", "view"])
+@pytest.mark.parametrize("background", [False, True], ids=["receive", "background"])
+def test_killed_sender_is_reported_and_leaves_no_segment(mode, background):
+    # A sender killed with SIGKILL: receive() raises the typed error within its timeout.
+    # With a background receiver (the native loop where the library has one), the thread
+    # stops on that error, records it in background_error and warns; guard() keeps working
+    # and the worker keeps the last weights it took. The dead sender's reaper removes the name.
+    died = r"^worker 0: the sender of arena weightsync-[0-9a-f]+ \(pid \d+\) died$"
     parent, child = CTX.Pipe()
-    proc = CTX.Process(target=scheme_sender, args=(child,), daemon=True)
+    proc = CTX.Process(target=scheme_sender, args=(child, mode), daemon=True)
     proc.start()
     try:
         blob = _recv(parent, "scheme")[1]
@@ -1030,24 +1226,41 @@ def test_killed_sender_is_reported_by_receive_and_leaves_no_segment():
         model = TinyModel()
         receiver.init_on_receiver(model_id="policy", model=model, worker_idx=0)
         receiver.timeout = 10.0
-        receiver.background = False
+        receiver.background = background
         receiver.connect(worker_idx=0)
+        if background:
+            _wait_for_native_loop(receiver)
+        held = snapshot(model)
         path = os.path.join(SHM_DIR, receiver._receiver_transport.arena.name)
         assert os.path.exists(path)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join(JOIN_TIMEOUT)
-        t0 = time.monotonic()
-        with pytest.raises(PeerDiedError, match=r"the sender of arena weightsync-[0-9a-f]+ \(pid \d+\) died"):
+        warned = (pytest.warns(RuntimeWarning, match=r"receiver of worker 0 stopped: PeerDiedError")
+                  if background else contextlib.nullcontext())
+        with warned:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(JOIN_TIMEOUT)
+            t0 = time.monotonic()
+            if background:
+                thread = receiver._background_thread
+                thread.join(receiver.timeout)
+                assert not thread.is_alive()
+                assert time.monotonic() - t0 < receiver.timeout
+        if background:
+            assert isinstance(receiver.background_error, PeerDiedError)
+            assert re.search(died, str(receiver.background_error))
+        t1 = time.monotonic()
+        with pytest.raises(PeerDiedError, match=died):
             while True:
                 receiver.receive(timeout=2.0)
-        assert time.monotonic() - t0 < 2.5
+        assert time.monotonic() - t1 < 2.5
+        with receiver.guard():
+            assert_same_weights(model, held)
         # The dead sender's reaper removed the name; the worker's weights stay valid.
         deadline = time.monotonic() + 10
         while os.path.exists(path) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not os.path.exists(path)
-        assert model.lin.weight.abs().sum() > 0
         receiver.shutdown()
+        assert_same_weights(model, held)
     finally:
         if proc.is_alive():
             proc.kill()
@@ -1082,6 +1295,63 @@ def test_gpu_sender_to_cpu_workers(mode):
             r.shutdown()
     finally:
         sender.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["copy", "view"])
+def test_gpu_trainer_device_map_fn_to_cpu_workers_follows_the_trainer(mode):
+    # The usual TorchRL call for a CUDA trainer with CPU workers: w.to("cpu") is a copy per
+    # worker. The workers share one (host) arena and send() carries the trainer as it is now.
+    trainer = randomize(TinyModel(), 73).cuda()
+    sender = SharedMemWeightSyncScheme(mode=mode, background=False, sync=False)
+    sender.init_on_sender(model=trainer, device_map_fn=lambda i, w: w.to("cpu"), num_workers=3)
+    try:
+        assert len(sender.segment_names()) == 1
+        assert {t.slot_device for t in sender._tickets.values()} == {"cpu"}
+        blob = pickle.dumps(sender)
+        sender.connect()
+        receivers = []
+        for w in range(3):
+            r = pickle.loads(blob)
+            m = TinyModel()
+            r.init_on_receiver(model_id="policy", model=m, worker_idx=w)
+            r.connect(worker_idx=w)
+            receivers.append((r, m))
+        for step in range(1, 3):
+            randomize(trainer, 73 + step)  # in place, on the GPU
+            sender.send()
+            for r, m in receivers:
+                assert r.receive() is not None
+                assert_same_weights(m, trainer)
+        for r, _ in receivers:
+            r.shutdown()
+    finally:
+        sender.shutdown()
+
+
+@pytest.mark.gpu
+def test_gpu_trainer_workers_share_one_arena_per_device_group():
+    # Workers on the trainer's GPU share a device arena, the others one host arena, whatever
+    # the form; only per_worker_weights gives each its own.
+    trainer = randomize(TinyModel(), 77).cuda()
+    where = ["cuda:0", "cpu", "cpu", "cuda:0"]
+    forms = {
+        "devices": dict(model=trainer, devices=where),
+        "device_map_fn": dict(model=trainer, device_map_fn=lambda i, w: w.to(where[i]),
+                              num_workers=len(where)),
+        "params_map": dict(params_map={i: TensorDict.from_module(trainer).to(where[i])
+                                       for i in range(len(where))}),
+    }
+    for form, kwargs in forms.items():
+        sender = SharedMemWeightSyncScheme(background=False)
+        try:
+            sender.init_on_sender(**kwargs)
+            expected = 3 if form == "params_map" else 2  # the CPU copies are weights of their own
+            assert len(sender.segment_names()) == expected, form
+            assert [sender._tickets[w].slot_device for w in range(4)] == \
+                ["cuda:0", "cpu", "cpu", "cuda:0"], form
+        finally:
+            sender.shutdown()
 
 
 @pytest.mark.gpu
@@ -1274,11 +1544,12 @@ def test_sends_take_the_native_path_when_the_library_is_active(backend, mode, mo
 
 
 def test_native_send_without_a_free_slot_hands_over_to_python(native, monkeypatch):
-    # The lagging-workers case above, counting who does what: the native call finds no free
-    # slot, changes nothing, and Python's acquire_slot waits, then names who holds the slots.
+    # The lagging-workers case above with too few slots (the default has enough), counting
+    # who does what: the native call finds no free slot, changes nothing, and Python's
+    # acquire_slot waits, then names who holds the slots.
     monkeypatch.setenv("WEIGHTSYNC_BACKEND", "native")
     calls = _count_python_protocol(monkeypatch)
-    with in_process(3, mode="view", sync=False, timeout=0.3) as (trainer, sender, sides):
+    with in_process(3, mode="view", sync=False, slots=5, timeout=0.3) as (trainer, sender, sides):
         for w in range(3):
             sender.send(randomize(TinyModel(), 400 + w), worker_ids=[w])
             assert sides[w].scheme.receive() is not None

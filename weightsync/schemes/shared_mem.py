@@ -44,7 +44,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from weightsync.errors import InvalidArgumentError, PeerDiedError, SchemeStateError
+from weightsync.errors import (
+    InvalidArgumentError,
+    PeerDiedError,
+    SchemeStateError,
+    UnsupportedWeightsError,
+)
 from weightsync.schemes.base import (
     _BACKGROUND_JOIN_TIMEOUT_S,
     UnknownWorkerError,
@@ -81,6 +86,27 @@ def _device_of(named: Mapping[str, torch.Tensor]) -> torch.device:
     return torch.device("cpu")
 
 
+def _same_weights_key(source: Any, named: Mapping[str, torch.Tensor]) -> tuple:
+    """What makes two workers' sources the same weights, so that they share an arena.
+
+    The same object, or objects whose tensors are the very same memory: the same keys, each
+    on the same device at the same address with the same dtype, shape and strides (say
+    ``params_map={0: TensorDict.from_module(m), 1: TensorDict.from_module(m)}``). TorchRL's
+    ``params_map`` gives each worker "its weights on its device" and, without
+    ``per_worker_weights``, every send writes the same weights into all of them; sources that
+    are one memory can only ever hold the same values, so one arena per device group serves
+    them all with one write. Sources in memory of their own (copies, even equal ones) are
+    different weights: each can change on its own, and ``send()`` without weights reads each,
+    so each keeps its arena. Judged once, at ``init_on_sender``.
+    """
+    if any(t.is_meta for t in named.values()):  # no memory to compare
+        return ("object", id(source))
+    return ("memory", tuple(
+        (k, str(t.device), t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        for k, t in named.items()
+    ))
+
+
 def _slot_device(source: torch.device, worker: torch.device | None) -> torch.device:
     """Where an arena's slots live: on the GPU when sender and worker share it, else on the host."""
     if worker is not None and worker.type == "cuda" and source == worker:
@@ -101,20 +127,30 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             returns the applied weights in.
         sync: ``send`` waits until every targeted worker applied the version (default).
         per_worker_weights: one arena per worker, so each can get different weights
-            (``send({worker: weights, ...})``); otherwise workers of one device group share one.
+            (``send({worker: weights, ...})``); otherwise the workers of one device group
+            share one when their sources are the same weights (the same object, or objects
+            over the same tensors; copies keep an arena each).
         mode: how workers take a version: ``"copy"`` (default; one batched copy into the
             worker's own tensors; the only way for GPU workers) or ``"view"`` (CPU workers;
             their tensors become views into the shared slot, re-pointed at each version, so no
             byte moves on the worker; the tensors must not be written by the worker).
-        slots: slots per arena. Default: 3 in copy mode with ``sync``, workers + 2 otherwise
-            (enough that a slow worker never makes ``send`` wait for a free slot while sends
-            go to every worker; view-mode workers that lag behind sends to subsets of them
-            can need up to 2 x workers + 1).
+        slots: slots per arena. Default, for the workers sharing an arena: 2 x workers + 1
+            in view mode without ``sync`` (a lagging view-mode worker holds the slot it views
+            and an offer it has not taken, different for each worker after sends to subsets);
+            3 in copy mode with ``sync``; workers + 2 otherwise. These are enough that
+            ``sync=False`` never waits for a free slot because a worker is slow (see
+            :func:`~weightsync.transports.shared_mem.default_slots`). Chosen at
+            ``init_on_sender`` from ``mode`` and ``sync``: set ``sync`` before then. With
+            fewer slots, a send that finds none free within ``timeout`` raises
+            :class:`~weightsync.errors.WeightSyncTimeout` naming the workers holding them.
         timeout: bound in seconds on every wait (acks, a free slot, the first weights at
             connect). Default 10.
         background: on workers, apply updates from a background thread as they arrive, like
             TorchRL (default). With ``False`` they land only when the worker calls
-            :meth:`receive`.
+            :meth:`receive`. The thread stops quietly when the sender shuts down; on an error
+            (the sender died: :class:`~weightsync.errors.PeerDiedError`) it stops, warns and
+            keeps the error in :attr:`background_error`, and :meth:`receive` raises it too.
+            The model keeps the last version taken, and :meth:`guard` keeps working.
 
     Extra state (``Module.get_extra_state``) is not carried: only parameters and buffers.
     """
@@ -194,8 +230,17 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
           collector), workers on ``context.policy_device``;
         - ``(params_map={worker: weights})``: each worker's weights (and device) given;
         - ``(weights=... | model=..., devices=[...])``: worker ``i`` on ``devices[i]``;
-        - ``(weights=... | model=..., device_map_fn=fn, num_workers=n)``: worker ``i`` gets
-          ``fn(i, weights)``.
+        - ``(weights=... | model=..., device_map_fn=fn, num_workers=n)``: worker ``i``'s
+          weights live where ``fn(i, weights)`` puts them (``weights``: a TensorDict of the
+          weights' detached tensors). As in TorchRL, ``fn``'s result only places the worker:
+          every send, ``send()`` included, carries the registered weights as they are then.
+
+        Workers whose sources are the same weights share one arena per device group (one
+        write per send, whatever their number): the same object, or objects over the very same
+        tensors, as ``params_map={0: TensorDict.from_module(m), 1: TensorDict.from_module(m)}``.
+        Sources in memory of their own (copies, even equal ones) keep an arena each, since
+        each can change on its own and ``send()`` reads each; so does every worker with
+        ``per_worker_weights=True``.
 
         ``ctx`` (a multiprocessing context) is accepted for TorchRL compatibility and unused:
         nothing here needs one.
@@ -207,7 +252,12 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             raise InvalidArgumentError("init_on_sender: no workers to send to")
         groups: dict[tuple[int, str], tuple[dict[str, torch.Tensor], list[int], torch.device]] = {}
         named_of: dict[int, dict[str, torch.Tensor]] = {}
+        # Sources that are the same weights (see _same_weights_key) share arenas: the first
+        # of them stands for all, so every send reads one object per arena.
+        same_as: dict[tuple, Any] = {}
+        canonical_of: dict[int, Any] = {}
         any_cuda = False
+        sources = dict(sources)
         for w in sorted(sources):
             src = sources[w]
             named = named_of.get(id(src))
@@ -223,15 +273,17 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
                         "VanillaWeightUpdater, which carry it.",
                         UserWarning, stacklevel=3,
                     )
+                canonical_of[id(src)] = same_as.setdefault(_same_weights_key(src, named), src)
+            if not self.per_worker_weights:
+                src = sources[w] = canonical_of[id(src)]
+                named = named_of[id(src)]
             source_device = _device_of(named)
             wdev = worker_devices.get(w)
             slot_device = _slot_device(source_device, wdev)
             any_cuda |= source_device.type == "cuda" or (wdev is not None and wdev.type == "cuda")
             key = (w if self.per_worker_weights else id(src), str(slot_device))
             groups.setdefault(key, (named, [], slot_device))[1].append(w)
-        slots = self.slots
-        if slots is None and self.mode == "copy" and self.sync:
-            slots = 3
+        slots = self.slots  # None: the transport sizes each arena (default_slots)
         if slots is not None and self.mode == "view":
             biggest = max(len(ws) for _, ws, _ in groups.values())
             if slots < biggest + 2:
@@ -321,14 +373,50 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         if device_map_fn is not None:
             if num_workers is None or num_workers < 1:
                 raise InvalidArgumentError("init_on_sender: device_map_fn needs num_workers >= 1")
-            sources = {w: device_map_fn(w, source) for w in range(num_workers)}
-            return sources, {w: _device_of(named_tensors(v)) for w, v in sources.items()}
+            return {w: source for w in range(num_workers)}, self._devices_from_map_fn(
+                source, device_map_fn, num_workers
+            )
         if num_workers is not None:
             return {w: source for w in range(num_workers)}, {w: None for w in range(num_workers)}
         raise InvalidArgumentError(
             "init_on_sender: with weights= or model=, also pass devices=, device_map_fn= and "
             "num_workers=, or num_workers="
         )
+
+    @staticmethod
+    def _devices_from_map_fn(
+        source: Any, device_map_fn: Callable[[int, Any], Any], num_workers: int
+    ) -> dict[int, torch.device]:
+        """Each worker's device, as ``device_map_fn(i, weights)`` places its weights.
+
+        As in TorchRL, the function's result only says where worker ``i``'s weights live
+        (typically ``w.to(device)``, a copy): every send carries the registered weights as
+        they are then, moved to that device. Its result is read for its device and checked
+        against the registered layout, then dropped: holding it would keep a stale copy (on
+        a GPU, maybe) that no send reads. The function gets a TensorDict of the weights'
+        detached tensors, as in TorchRL, never the module itself: ``module.to(device)`` would
+        move the trainer's own parameters.
+        """
+        named = named_tensors(source)
+        layout = Layout.from_tensors(named.items())
+        if isinstance(source, nn.Module):
+            from tensordict import TensorDict
+
+            detached = {k: t.detach() for k, t in named.items()}
+            given = TensorDict(detached, batch_size=[]).unflatten_keys(".")
+        else:
+            given = source
+        devices = {}
+        for w in range(num_workers):
+            mapped = device_map_fn(w, given)
+            theirs = f"the weights device_map_fn returned for worker {w}"
+            try:
+                mapped_named = named_tensors(mapped)
+            except TypeError as exc:
+                raise UnsupportedWeightsError(f"init_on_sender: {theirs}: {exc}") from None
+            layout.match(mapped_named, theirs=theirs, ours="sender")
+            devices[w] = _device_of(mapped_named)
+        return devices
 
     @staticmethod
     def _model_from_factories(context: Any, model_id: str, devices: Sequence[Any]) -> Any:

@@ -748,7 +748,8 @@ class Arena:
 
     def _sender_gone_message(self) -> str:
         how = "shut down" if self.closed else "died"
-        return f"the sender of arena {self.name} (pid {self.sender_pid}) {how}"
+        who = "" if self.worker is None else f"worker {self.worker_ids[self.worker]}: "
+        return f"{who}the sender of arena {self.name} (pid {self.sender_pid}) {how}"
 
     def open_offer(self, newer_than: int, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int] | None:
         """Lock the slot of the newest version offered to this worker, if above ``newer_than``.

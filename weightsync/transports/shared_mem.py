@@ -47,7 +47,7 @@ from weightsync.errors import (
     SchemeStateError,
     WeightSyncTimeout,
 )
-from weightsync.transports.arena import DEFAULT_TIMEOUT, Arena, Layout
+from weightsync.transports.arena import _MAX_SLOTS, DEFAULT_TIMEOUT, Arena, Layout
 from weightsync.transports.receive_loop import (
     MODE_COPY,
     MODE_WINDOW,
@@ -69,6 +69,7 @@ __all__ = [
     "MODES",
     "SharedMemReceiverTransport",
     "SharedMemSenderTransport",
+    "default_slots",
     "named_tensors",
 ]
 
@@ -427,6 +428,41 @@ class _SenderArena:
         self.arena.close()
 
 
+def default_slots(mode: str, sync: bool, workers: int) -> int:
+    """The slots an arena shared by ``workers`` workers gets unless told otherwise.
+
+    A slot is busy while it is offered to a worker that has not taken that offer yet, or
+    while a worker holds it: the slot a view-mode worker's tensors view (until its next
+    take), or the slot a copy-mode worker copies from (for that one copy). The sender needs
+    one more slot to write, so each default is the busiest case plus one:
+
+    - view, ``sync=False``: every worker can view one slot and have an untaken offer of
+      another; after sends to subsets of them those offers all differ (worker 0 offered v,
+      worker 1 offered v+1, ...): 2 x workers busy, 2 x workers + 1 slots. With fewer, a
+      send can wait for a worker to take a version, which ``sync=False`` promises it never
+      does.
+    - view, ``sync=True``: a send returns once its targets took it, so no live worker keeps
+      an untaken offer: workers viewed, one to write, one spare for a worker between taking
+      a slot and letting go of the one it viewed: workers + 2.
+    - copy, ``sync=False``: untaken offers (one per worker at most) and one to write; one
+      spare for a copy under way: workers + 2. A slot held longer than one copy is always
+      an offer, so a send waits at most for a copy already started, never for a worker that
+      is slow to take versions.
+    - copy, ``sync=True``: the version being copied, one to write, one spare: 3.
+
+    Capped at the arena's limit of 255 slots (view mode without ``sync`` past 127 workers
+    sharing one arena then loses the guarantee). With ``sync=True``, a send that timed out
+    leaves untaken offers behind, so a later send can wait for a slot: it is bounded by the
+    timeout and raises :class:`~weightsync.errors.WeightSyncTimeout` naming the holders, as
+    the acks would.
+    """
+    if mode == "view":
+        n = workers + 2 if sync else 2 * workers + 1
+    else:
+        n = 3 if sync else workers + 2
+    return min(n, _MAX_SLOTS)
+
+
 class SharedMemSenderTransport:
     """The sender end: one arena per (source, device group), written on every send.
 
@@ -435,13 +471,10 @@ class SharedMemSenderTransport:
             define the layout; ``slot device`` is ``cpu`` (host arena) or the CUDA device of a
             device arena for workers on the sender's GPU.
         mode: ``"copy"`` or ``"view"``.
-        slots: slots per arena; default workers + 2. Each worker holds at most one slot (the
-            one it views, or reads during a copy) and all workers can have one offer not yet
-            taken, so with sends to every worker a free slot always exists, however slow the
-            workers. Sends to subsets can leave each lagging worker with a different offer:
-            view-mode workers that lag behind subset sends can then need 2 x workers + 1.
+        slots: slots per arena; default :func:`default_slots` for the arena's workers, from
+            ``mode`` and ``sync``.
         pin: page-lock host arenas (a GPU is on either end).
-        sync: default of :meth:`send_weights`.
+        sync: default of :meth:`send_weights`, and what the default slot count is sized for.
         timeout: default bound on every wait.
     """
 
@@ -468,7 +501,7 @@ class SharedMemSenderTransport:
         try:
             for named, workers, slot_device in sources:
                 layout = Layout.from_tensors(named.items())
-                n = slots if slots is not None else len(workers) + 2
+                n = slots if slots is not None else default_slots(mode, sync, len(workers))
                 sa = _SenderArena(layout, workers, n, torch.device(slot_device), pin,
                                   parallel_min_bytes)
                 self._arenas.append(sa)
@@ -875,10 +908,8 @@ class SharedMemReceiverTransport:
         if not arena.sender_alive():
             if self.poll():
                 return self.version
-            raise PeerDiedError(
-                f"worker {self.worker}: the sender (pid {arena.sender_pid}) of arena "
-                f"{arena.name} {'shut down' if arena.closed else 'died'}"
-            )
+            # The same words whichever wait noticed first (see Arena.wait_offer).
+            raise PeerDiedError(arena._sender_gone_message())
         return None
 
     def receive_weights(
