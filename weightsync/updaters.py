@@ -51,7 +51,6 @@ class WeightUpdaterBase(abc.ABC):
     # State is created in __new__, not __init__: TorchRL's updaters (and many written for
     # them) never call super().__init__(), and the base must work for them all the same.
     def __new__(cls, *args: Any, **kwargs: Any) -> WeightUpdaterBase:
-        _register_with_torchrl()
         self = super().__new__(cls)
         self._collector_ref: Any = None
         self._post_hooks: list[Callable[[], Any]] = []
@@ -383,18 +382,7 @@ class MultiProcessedWeightUpdater(WeightUpdaterBase):
         self._strategy.apply_weights(self._destination(worker_id), server_weights, inplace=True)
 
 
-_torchrl_registered = False
-
-
-def _register_with_torchrl() -> None:
-    """Make our updaters pass TorchRL's ``isinstance(updater, WeightUpdaterBase)`` check (a
-    collector otherwise treats a callable updater as a factory and calls it) when TorchRL
-    is loaded. TorchRL is never imported from here."""
-    global _torchrl_registered
-    if _torchrl_registered:
-        return
-    _torchrl_registered = register_with_torchrl(
-        "torchrl.collectors.weight_update", "WeightUpdaterBase", WeightUpdaterBase)
-
-
-_register_with_torchrl()
+# Our updaters must pass TorchRL's ``isinstance(updater, WeightUpdaterBase)`` check: a
+# collector otherwise takes a callable updater for a factory and calls it. Registered now if
+# TorchRL's module is loaded, else as soon as it is (TorchRL is never imported from here).
+register_with_torchrl("torchrl.collectors.weight_update", "WeightUpdaterBase", WeightUpdaterBase)

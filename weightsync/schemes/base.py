@@ -197,7 +197,6 @@ class WeightSyncScheme(abc.ABC):
     def __init__(
         self, strategy: Literal["state_dict", "tensordict"] | WeightStrategy = "tensordict"
     ) -> None:
-        _register_with_torchrl()
         if isinstance(strategy, WeightStrategy):
             self._strategy = strategy
         else:
@@ -836,18 +835,8 @@ class WeightSyncScheme(abc.ABC):
         self.__dict__.update(state)
 
 
-_torchrl_registered = False
-
-
-def _register_with_torchrl() -> None:
-    """Make our schemes pass TorchRL's ``isinstance(scheme, WeightSyncScheme)`` checks, so a
-    collector accepts them, when TorchRL is loaded. TorchRL is never imported from here (it
-    takes seconds); the check runs at import and again at each scheme's construction."""
-    global _torchrl_registered
-    if _torchrl_registered:
-        return
-    _torchrl_registered = register_with_torchrl(
-        "torchrl.weight_update.weight_sync_schemes", "WeightSyncScheme", WeightSyncScheme)
-
-
-_register_with_torchrl()
+# Our schemes must pass TorchRL's ``isinstance(scheme, WeightSyncScheme)`` checks for a
+# collector to accept them. Registered now if TorchRL's module is loaded, else as soon as it
+# is (TorchRL is never imported from here: it takes seconds).
+register_with_torchrl(
+    "torchrl.weight_update.weight_sync_schemes", "WeightSyncScheme", WeightSyncScheme)
