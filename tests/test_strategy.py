@@ -220,6 +220,53 @@ def test_cpu_weights_into_gpu_module(backend):
     assert_same_bytes(dst.cpu(), src)
 
 
+# -- non-persistent buffers -----------------------------------------------------------------------
+
+
+def with_scratch(seed: int) -> nn.Module:
+    """make_net plus a non-persistent buffer, which state_dict() leaves out."""
+    net = make_net(seed)
+    net[1].register_buffer("tmp", torch.full((3,), float(seed)), persistent=False)
+    return net
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_state_dict_strategy_round_trips_a_non_persistent_buffer(backend, inplace):
+    src, dst = with_scratch(0), with_scratch(1)
+    tmp = dst[1].tmp
+    strategy = WeightStrategy("state_dict")
+    weights = strategy.extract_weights(src)
+    assert "1.tmp" not in weights
+    strategy.apply_weights(dst, weights, inplace=inplace)
+    assert_same_bytes(dst, src)  # state_dict(): every persistent tensor
+    assert dst[1].tmp is tmp and torch.equal(tmp, torch.full((3,), 1.0))  # not written
+    # Weights that carry it (from_module's, a module's) leave it alone too.
+    for weights in (TensorDict.from_module(with_scratch(2)), with_scratch(3)):
+        strategy.apply_weights(dst, weights, inplace=inplace)
+        assert dst[1].tmp is tmp and torch.equal(tmp, torch.full((3,), 1.0))
+    # Every other key is still required.
+    partial = dict(strategy.extract_weights(src))
+    del partial["2.bias"]
+    before = as_bytes(dst)
+    with pytest.raises(KeyMismatchError, match="'2.bias'"):
+        strategy.apply_weights(dst, partial, inplace=inplace)
+    assert_same_bytes(before, dst)
+
+
+def test_tensordict_strategy_requires_and_writes_a_non_persistent_buffer(backend):
+    src, dst = with_scratch(0), with_scratch(1)
+    strategy = WeightStrategy("tensordict")
+    weights = strategy.extract_weights(src)
+    assert weights["1", "tmp"] is src[1].tmp
+    strategy.apply_weights(dst, weights)
+    assert torch.equal(dst[1].tmp, src[1].tmp)
+    before = as_bytes(dst) | {"tmp": dst[1].tmp.clone()}
+    with pytest.raises(KeyMismatchError, match="'1.tmp'.*missing"):
+        strategy.apply_weights(dst, with_scratch(2).state_dict())
+    assert_same_bytes({k: v for k, v in before.items() if k != "tmp"}, dst)
+    assert torch.equal(dst[1].tmp, before["tmp"])
+
+
 # -- extra state ----------------------------------------------------------------------------------
 
 

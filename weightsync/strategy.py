@@ -216,6 +216,37 @@ def _flatten(tree: Any, where: str) -> _Flat:
     )
 
 
+def _non_persistent_keys(module: nn.Module) -> set[Key]:
+    """The keys of ``module``'s non-persistent buffers (``register_buffer(...,
+    persistent=False)``), which its ``state_dict`` leaves out; under every path a shared
+    submodule is reachable by."""
+    keys: set[Key] = set()
+    for name, sub in module.named_modules(remove_duplicate=False):
+        prefix = tuple(name.split(".")) if name else ()
+        keys.update((*prefix, buffer) for buffer in sub._non_persistent_buffers_set)
+    return keys
+
+
+def _flatten_pair(destination: Any, weights: Any, state_dict_keys: bool) -> tuple[_Flat, _Flat]:
+    """The destination and weights trees, flattened and checked against each other.
+
+    With ``state_dict_keys`` a module destination has the keys of its ``state_dict``: its
+    non-persistent buffers are neither required from the weights nor written when the
+    weights carry them (a TensorDict taken with ``TensorDict.from_module`` does).
+    """
+    dst = _flatten(destination, "destination")
+    src = _flatten(weights, "weights")
+    if state_dict_keys and isinstance(destination, nn.Module):
+        skipped = _non_persistent_keys(destination)
+        if skipped:
+            for flat in (dst, src):
+                kept = [(k, t) for k, t in zip(flat.keys, flat.tensors) if k not in skipped]
+                flat.keys = [k for k, _ in kept]
+                flat.tensors = [t for _, t in kept]
+    _check_layouts(dst, src, isinstance(destination, nn.Module))
+    return dst, src
+
+
 def _check_layouts(dst: _Flat, src: _Flat, dst_is_module: bool) -> None:
     """Raise the typed error for the first difference between the two trees."""
     src_index = {k: i for i, k in enumerate(src.keys)}
@@ -428,11 +459,9 @@ class _Binding:
             module.set_extra_state(_extra_from_tree(_resolve(src, src_key)))
 
 
-def _bind(destination: Any, weights: Any) -> _Binding:
-    dst = _flatten(destination, "destination")
-    src = _flatten(weights, "weights")
+def _bind(destination: Any, weights: Any, state_dict_keys: bool) -> _Binding:
+    dst, src = _flatten_pair(destination, weights, state_dict_keys)
     dst_is_module = isinstance(destination, nn.Module)
-    _check_layouts(dst, src, dst_is_module)
     src_index = {k: i for i, k in enumerate(src.keys)}
     dst_list: list[torch.Tensor] = []
     src_list: list[torch.Tensor] = []
@@ -597,8 +626,12 @@ class WeightStrategy:
                 TensorDict's entries are replaced.
 
         Both trees must have the same keys and, per key, the same shape and dtype; devices may
-        differ. Extra state in ``weights`` is applied with ``set_extra_state`` when the
-        destination is a module and ignored otherwise.
+        differ. A module destination's keys are those of ``TensorDict.from_module`` with the
+        ``"tensordict"`` strategy, and those of its ``state_dict`` with ``"state_dict"``: its
+        non-persistent buffers are then neither required nor written (weights that carry
+        them, e.g. taken with ``from_module``, have them ignored). Extra state in ``weights``
+        is applied with ``set_extra_state`` when the destination is a module and ignored
+        otherwise.
 
         Raises:
             KeyMismatchError / ShapeMismatchError / DTypeMismatchError: naming the first key
@@ -610,7 +643,7 @@ class WeightStrategy:
             return
         weights = self._weights_tree(weights)
         if not inplace:
-            _apply_out_of_place(destination, weights)
+            _apply_out_of_place(destination, weights, self.extract_as == "state_dict")
             return
         self._binding(destination, weights).run(weights)
 
@@ -650,7 +683,7 @@ class WeightStrategy:
                 and binding.src_snapshot.unchanged(weights)
             ):
                 return binding
-        binding = _bind(destination, weights)
+        binding = _bind(destination, weights, self.extract_as == "state_dict")
         try:
             binding.dst_snapshot = tree_snapshot(destination)
             binding.src_snapshot = tree_snapshot(weights)
@@ -681,7 +714,7 @@ def _dropper(cache: dict[int, Any], key: int, attr: str) -> Callable[[weakref.Re
     return drop
 
 
-def _apply_out_of_place(destination: Any, weights: Any) -> None:
+def _apply_out_of_place(destination: Any, weights: Any, state_dict_keys: bool) -> None:
     if isinstance(destination, Mapping) and not isinstance(destination, TensorDictBase):
         raise InvalidArgumentError(
             "cannot apply weights out of place (inplace=False) to a plain dict; use inplace=True"
@@ -691,9 +724,7 @@ def _apply_out_of_place(destination: Any, weights: Any) -> None:
             "cannot replace the entries of a locked TensorDict (inplace=False); unlock it or "
             "use inplace=True"
         )
-    dst = _flatten(destination, "destination")
-    src = _flatten(weights, "weights")
-    _check_layouts(dst, src, isinstance(destination, nn.Module))
+    dst, src = _flatten_pair(destination, weights, state_dict_keys)
     src_by_key = dict(zip(src.keys, src.tensors))
     if isinstance(destination, TensorDictBase):
         for key in dst.keys:
