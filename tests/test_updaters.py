@@ -145,11 +145,45 @@ def test_push_weights_none_without_getter_is_an_error():
         empty_getter.push_weights(None)
 
 
-def test_push_weights_rejects_worker_ids_and_bad_types():
+@pytest.mark.parametrize("worker_ids", [0, [0], (0,), [0, 0]])
+def test_push_weights_to_its_only_worker(backend, worker_ids):
+    policy, trainer = make_net(1), make_net(0)
+    updater = VanillaWeightUpdater.from_policy(policy)
+    updater.push_weights(trainer, worker_ids=worker_ids)  # TorchRL's updater accepts these
+    assert same(policy, trainer) and updater.version == 1
+    updater.push_weights(make_net(2), worker_ids=[])  # names no worker: writes nothing
+    assert same(policy, trainer)
+
+
+def test_push_weights_to_the_workers_all_worker_ids_names(backend):
+    class OnDevice(VanillaWeightUpdater):
+        def all_worker_ids(self):
+            return [torch.device("cpu")]
+
+    policy, trainer = make_net(1), make_net(0)
+    updater = OnDevice.from_policy(policy)
+    updater.push_weights(trainer, worker_ids=torch.device("cpu"))
+    assert same(policy, trainer)
+    with pytest.raises(UnknownWorkerError, match=r"names worker 1; .*\[0, device\(type='cpu'\)\]"):
+        updater.push_weights(make_net(2), worker_ids=1)
+
+
+@pytest.mark.parametrize("worker_ids, named", [
+    (1, "1"), ([0, 2], "2"), (True, "True"), (torch.device("cpu"), "device\\(type='cpu'\\)"),
+    ("policy", "'policy'"),
+])
+def test_push_weights_rejects_other_workers_and_changes_nothing(worker_ids, named):
     policy = make_net(1)
     updater = VanillaWeightUpdater.from_policy(policy)
-    with pytest.raises(UnknownWorkerError, match="worker_ids must be None, got \\[0\\]"):
-        updater.push_weights(make_net(0), worker_ids=0)
+    before = raw(policy)
+    with pytest.raises(UnknownWorkerError, match=f"worker_ids=.* names worker {named}; "
+                                                 "expected None or worker ids among \\[0\\]"):
+        updater.push_weights(make_net(0), worker_ids=worker_ids)
+    assert same(before, policy) and updater.version == 0
+
+
+def test_push_weights_rejects_bad_types():
+    updater = VanillaWeightUpdater.from_policy(make_net(1))
     with pytest.raises(UnsupportedWeightsError, match="str"):
         updater.push_weights("policy")
     assert updater.version == 0

@@ -258,6 +258,10 @@ class WeightUpdaterBase(abc.ABC):
         """Write ``server_weights`` into worker ``worker_id`` (``None``: the only one)."""
 
 
+# The id of a VanillaWeightUpdater's one local policy (TorchRL's single-worker index).
+_ONLY_WORKER = 0
+
+
 class VanillaWeightUpdater(WeightUpdaterBase):
     """Keeps one local policy's weights up to date, in place.
 
@@ -267,6 +271,9 @@ class VanillaWeightUpdater(WeightUpdaterBase):
         policy_weights (TensorDictBase): the policy's weights, updated in place (a
             TensorDict of the policy's live parameters, as built by :meth:`from_policy`; an
             ``nn.Module`` or a dict of its tensors also work).
+
+    Its one policy is worker 0: ``push_weights(..., worker_ids=0)`` (or ``[0]``) is a push
+    like ``worker_ids=None``; any other id raises :class:`UnknownWorkerError`.
     """
 
     def __init__(
@@ -302,12 +309,28 @@ class VanillaWeightUpdater(WeightUpdaterBase):
     def _get_server_weights(self) -> Any | None:
         return self.weight_getter() if self.weight_getter is not None else None
 
-    def _check_workers(self, worker_ids: list[WorkerId] | None, server_weights: Any) -> None:
-        if worker_ids is not None:
-            raise UnknownWorkerError(
-                f"VanillaWeightUpdater updates one local policy and has no workers; "
-                f"worker_ids must be None, got {worker_ids!r}"
-            )
+    def _targets(self, worker_ids: Any) -> list[WorkerId] | None:
+        """``None`` (the one local policy, pushed once) for ``None`` or ids that all name it.
+
+        TorchRL's collectors pass the user's ``worker_ids`` straight through, and TorchRL's
+        ``VanillaWeightUpdater`` accepts them; its only worker is 0 (or whatever
+        :meth:`all_worker_ids` names, for subclasses). An empty list names no worker and
+        writes nothing, as in the base.
+        """
+        if worker_ids is None:
+            return None
+        ids = list(worker_ids) if isinstance(worker_ids, (list, tuple)) else [worker_ids]
+        known = self.all_worker_ids()
+        accepted = [_ONLY_WORKER, *(known or ())]
+        for worker in ids:
+            # bool is an int: True would pass as worker 1 elsewhere and False as 0 here.
+            if isinstance(worker, bool) or worker not in accepted:
+                raise UnknownWorkerError(
+                    f"{type(self).__name__} updates one local policy, worker {_ONLY_WORKER}; "
+                    f"worker_ids={worker_ids!r} names worker {worker!r}; expected None or "
+                    f"worker ids among {accepted!r}"
+                )
+        return None if ids else []
 
     def _sync_weights_with_worker(self, *, worker_id: None = None, server_weights: Any) -> None:
         self._strategy.apply_weights(self.policy_weights, server_weights, inplace=True)
