@@ -327,6 +327,72 @@ def test_extra_state_for_a_module_without_it_is_refused(backend):
     assert_same_bytes(before, dst)
 
 
+class Running(nn.Module):
+    """Extra state held in a tensor that set_extra_state writes in place (like running
+    statistics), and that get_extra_state returns live."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.stats = torch.full((2,), value)
+        self.calls = 0
+
+    def get_extra_state(self):
+        return {"stats": self.stats, "calls": self.calls}
+
+    def set_extra_state(self, state) -> None:
+        self.stats.copy_(state["stats"])
+        self.calls = state["calls"]
+
+
+class Refusing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.refuse = False
+
+    def get_extra_state(self):
+        return 0
+
+    def set_extra_state(self, state) -> None:
+        if self.refuse:
+            raise RuntimeError("refused: incompatible extra state")
+
+
+class Sets(nn.Module):
+    """Two modules with extra state: the first accepts it, the second may refuse it."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.first = Running(float(seed))
+            self.second = Refusing()
+        self.first.calls = seed
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("source", ["extracted", "module", "state_dict"])
+def test_a_refused_extra_state_leaves_the_destination_as_it_was(backend, inplace, source):
+    src, dst = Sets(0), Sets(1)
+    strategy = WeightStrategy("state_dict" if source == "state_dict" else "tensordict")
+    weights = src if source == "module" else strategy.extract_weights(src)
+    before, params, stats = as_bytes(dst), [id(p) for p in dst.parameters()], dst.first.stats
+    dst.second.refuse = True
+    for _ in range(2):  # through a new plan, then through the cached one
+        with pytest.raises(RuntimeError, match="refused"):
+            strategy.apply_weights(dst, weights, inplace=inplace)
+        assert_same_bytes(before, dst)  # every tensor, bit for bit
+        assert [id(p) for p in dst.parameters()] == params  # none re-pointed either
+        # The first module's extra state was set, then restored (its tensor in place).
+        assert dst.first.stats is stats and torch.equal(stats, torch.full((2,), 1.0))
+        assert dst.first.calls == 1
+    dst.second.refuse = False
+    strategy.apply_weights(dst, weights, inplace=inplace)
+    assert dst.first.calls == 0 and torch.equal(dst.first.stats, torch.zeros(2))
+    assert_same_bytes(dst, src)
+
+
 # -- out-of-place application ---------------------------------------------------------------------
 
 

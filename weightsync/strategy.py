@@ -21,11 +21,14 @@ Applying in place is the hot path of every weight update, so it is built around 
 
 Extra state (``Module.get_extra_state``) travels under the key ``"__extra_state__"`` of the
 module it belongs to (``("__extra_state__",)`` for the root, as in TorchRL) and is applied with
-``set_extra_state``. In a state_dict it keeps torch's own ``"<module>._extra_state"`` key.
+``set_extra_state``, before any tensor is written: a ``set_extra_state`` that raises leaves the
+tensors untouched and the extra state already set restored. In a state_dict it keeps torch's
+own ``"<module>._extra_state"`` key.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import weakref
 from collections.abc import Callable, Mapping
@@ -127,6 +130,57 @@ def _extra_from_tree(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _extra_from_tree(v) for k, v in value.items()}
     return value
+
+
+def _set_extra_states(targets: list[tuple[nn.Module, Any]]) -> None:
+    """``module.set_extra_state(value)`` for each pair, in order, all or nothing.
+
+    Runs before any tensor byte moves. When one raises, the modules already set get back the
+    extra state they had (a deep copy of ``get_extra_state()`` taken just before, since a
+    ``set_extra_state`` may write into the very tensors ``get_extra_state`` returned), and
+    the error propagates. The module that raised is left to its own ``set_extra_state``.
+    """
+    done: list[tuple[nn.Module, Any]] = []
+    for module, value in targets:
+        before = _extra_snapshot(module)
+        try:
+            module.set_extra_state(value)
+        except BaseException as exc:
+            _restore_extra_states(done, exc)
+            raise
+        done.append((module, before))
+
+
+_NO_SNAPSHOT = object()
+
+
+def _extra_snapshot(module: nn.Module) -> Any:
+    if not _defines(module, "get_extra_state"):
+        return _NO_SNAPSHOT  # set_extra_state without get_extra_state: nothing to restore from
+    state = module.get_extra_state()
+    try:
+        return copy.deepcopy(state)
+    except Exception:  # not deep-copyable (a lock, a handle): the object itself is the best we have
+        return state
+
+
+def _restore_extra_states(done: list[tuple[nn.Module, Any]], exc: BaseException) -> None:
+    for module, before in reversed(done):
+        if before is _NO_SNAPSHOT:
+            _note(exc, f"weightsync: the extra state of a {type(module).__name__} was set and "
+                       "cannot be restored (it defines no get_extra_state)")
+            continue
+        try:
+            module.set_extra_state(before)
+        except Exception as restore_exc:  # the first error is the one to report
+            _note(exc, f"weightsync: restoring the extra state of a {type(module).__name__} "
+                       f"failed too: {type(restore_exc).__name__}: {restore_exc}")
+
+
+def _note(exc: BaseException, note: str) -> None:
+    add_note = getattr(exc, "add_note", None)  # Python 3.11+
+    if add_note is not None:
+        add_note(note)
 
 
 class _At:
@@ -443,6 +497,18 @@ class _Binding:
         self.src_ref: weakref.ReferenceType | None = None
 
     def run(self, src: Any) -> None:
+        extra = []
+        for path, module_ref, src_key in self.extra:
+            module = module_ref()
+            if module is None:
+                raise KeyMismatchError(
+                    f"destination module {_key_str(path)!r} that takes the extra state is gone"
+                )
+            extra.append((module, _extra_from_tree(_resolve(src, src_key))))
+        # Extra state first: a set_extra_state that refuses its state is the one failure the
+        # checks made when the plan was built cannot foresee, and it must find the tensors
+        # still untouched (the extra state already set is restored).
+        _set_extra_states(extra)
         if self.plan is not None:
             try:
                 # The engine copies under torch.no_grad() (parameters that require grad are
@@ -450,13 +516,6 @@ class _Binding:
                 self.plan.run()
             except WeightSyncError as exc:
                 raise _name_plan_indices(exc, self.keys) from None
-        for path, module_ref, src_key in self.extra:
-            module = module_ref()
-            if module is None:
-                raise KeyMismatchError(
-                    f"destination module {_key_str(path)!r} that takes the extra state is gone"
-                )
-            module.set_extra_state(_extra_from_tree(_resolve(src, src_key)))
 
 
 def _bind(destination: Any, weights: Any, state_dict_keys: bool) -> _Binding:
@@ -730,6 +789,10 @@ def _apply_out_of_place(destination: Any, weights: Any, state_dict_keys: bool) -
         for key in dst.keys:
             destination.set(key, src_by_key[key])
         return
+    # Extra state first, as in place: a set_extra_state that raises leaves every tensor as
+    # it was (and the extra state already set restored).
+    _set_extra_states([(dst.extra[path], _extra_from_tree(_resolve(weights, src_key)))
+                       for path, src_key in src.extra.items()])
     for key, current in zip(dst.keys, dst.tensors):
         new = src_by_key[key]
         owner = destination.get_submodule(".".join(key[:-1]))
@@ -739,8 +802,6 @@ def _apply_out_of_place(destination: Any, weights: Any, state_dict_keys: bool) -
         elif isinstance(new, nn.Parameter):
             new = new.detach()
         setattr(owner, key[-1], new)
-    for path, src_key in src.extra.items():
-        dst.extra[path].set_extra_state(_extra_from_tree(_resolve(weights, src_key)))
 
 
 def materialize_meta(module: nn.Module, device: torch.device | str | None = None) -> int:
