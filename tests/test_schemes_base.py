@@ -294,6 +294,26 @@ def test_send_receive_and_versions(backend):
     assert not same_weights(policies[0], trainer)
 
 
+def test_send_hands_transports_one_weights_object_per_module():
+    trainer, sender, _, _ = sender_and_receivers()
+
+    class Context:
+        policy = trainer
+
+    context = Context()  # held weakly by the scheme
+    sender.context = context
+    sender.send()
+    sender.send(trainer)
+    sender.send("policy")
+    inbox = sender.sender_transports[0].inbox
+    # The strategy's cached tree each time (what a transport caches per object holds), while
+    # what the public calls return is the caller's to change.
+    assert len(inbox) == 3 and inbox[0] is inbox[1] is inbox[2]
+    assert inbox[0]["0", "weight"] is trainer[0].weight
+    public = sender.prepare_weights(trainer, "policy", sender.strategy)
+    assert public is not inbox[0] and sender.weights is not inbox[0]
+
+
 def test_unknown_worker_sends_nothing():
     trainer, sender, _, _ = sender_and_receivers()
     with pytest.raises(UnknownWorkerError,

@@ -101,14 +101,55 @@ def test_extract_tensordict_from_module_holds_live_tensors():
     assert td["0", "weight"] is net[0].weight
     assert td["1", "running_mean"] is net[1].running_mean
     assert set(as_bytes(td)) == set(net.state_dict())
-    # Reused while the module keeps its tensors; rebuilt when one is replaced.
-    assert WeightStrategy().extract_weights(net) is not td
+    # A replaced tensor is seen at the next call.
     strategy = WeightStrategy()
-    first = strategy.extract_weights(net)
-    assert strategy.extract_weights(net) is first
+    strategy.extract_weights(net)
     net[0].weight = nn.Parameter(torch.zeros(8, 4))
-    second = strategy.extract_weights(net)
-    assert second is not first and second["0", "weight"] is net[0].weight
+    assert strategy.extract_weights(net)["0", "weight"] is net[0].weight
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_extract_tensordict_from_module_is_a_new_unlocked_tree_each_call(extra):
+    net = WithExtra() if extra else make_net(0)
+    live = dict(TensorDict.from_module(net).items(True, True))
+    strategy = WeightStrategy()
+    first, second = strategy.extract_weights(net), strategy.extract_weights(net)
+    assert first is not second and not first.is_locked and not second.is_locked
+    for td in (first, second):
+        assert {k: v for k, v in td.items(True, True) if k not in _extra_keys(td)} == live
+        assert all(td.get(k) is v for k, v in live.items())  # the module's own tensors
+    # Changing one reaches neither the next call, nor another copy, nor the cached tree the
+    # internal paths use.
+    key = next(iter(live))
+    first.set(key, torch.zeros(1))
+    first.set("added", torch.ones(1))
+    del first[key[0]]
+    first.lock_()
+    third = strategy.extract_weights(net)
+    for td in (second, third, strategy._extract(net)):
+        assert td.get(key) is live[key] and "added" not in td.keys()
+    assert not third.is_locked
+    if extra:  # extra state read at each call, without changing earlier copies
+        net.steps = 5
+        assert strategy.extract_weights(net)[EXTRA_STATE_KEY] == 5
+        assert second[EXTRA_STATE_KEY] == 0
+
+
+def test_scheme_weights_are_a_copy_the_caller_may_change():
+    from weightsync.schemes import NoWeightSyncScheme
+
+    net = make_net(0)
+    scheme = NoWeightSyncScheme()
+    scheme.init_on_receiver(model_id="policy", model=net)
+    weights = scheme.weights
+    weights["0", "weight"] = torch.zeros(8, 4)
+    del weights["2"]
+    assert scheme.weights["0", "weight"] is net[0].weight and "2" in scheme.weights.keys()
+    scheme.apply_weights(scheme.weights)
+
+
+def _extra_keys(td) -> set:
+    return {k for k in td.keys(True, True) if EXTRA_STATE_KEY in (k if isinstance(k, tuple) else (k,))}
 
 
 def test_extract_tensordict_from_tensordict_and_dict():

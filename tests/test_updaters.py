@@ -116,6 +116,18 @@ def test_push_weights_every_form_outside_no_grad(backend, form):
     assert same(policy, trainer) and updater.version == 2
 
 
+def test_pushing_a_module_reuses_one_copy_plan(backend):
+    policy, trainer = make_net(1), make_net(0)
+    updater = VanillaWeightUpdater.from_policy(policy)
+    updater.push_weights(trainer)
+    bindings = updater._strategy._destinations[id(updater.policy_weights)].bindings
+    (first,) = bindings.values()
+    with torch.no_grad():
+        trainer[0].weight.add_(1)
+    updater.push_weights(trainer)  # the strategy's cached tree, not a new copy per push
+    assert list(bindings.values()) == [first] and same(policy, trainer)
+
+
 def test_push_weights_none_asks_the_getter(backend):
     policy, trainer = make_net(1), make_net(0)
     calls = []

@@ -244,7 +244,9 @@ class WeightUpdaterBase(abc.ABC):
     def _maybe_map_weights(self, server_weights: Any) -> Any:
         """The weights to distribute: a module's are extracted; a TensorDict or dict passes."""
         if isinstance(server_weights, nn.Module):
-            return self._strategy.extract_weights(server_weights)
+            # The strategy's cached tree, not a fresh copy: the copy plan of the next push is
+            # keyed on it, and nothing outside the push sees it.
+            return self._strategy._extract(server_weights)
         if isinstance(server_weights, (TensorDictBase, Mapping)):
             return server_weights
         raise UnsupportedWeightsError(

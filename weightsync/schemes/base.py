@@ -53,7 +53,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -182,6 +182,34 @@ def _worker_list(worker_ids: int | list[int] | tuple[int, ...] | None) -> list[i
         if isinstance(w, bool) or not isinstance(w, int):
             raise InvalidArgumentError(f"worker_ids: {w!r} is not an int (in {worker_ids!r})")
     return ids
+
+
+def _prepare(weights: Any, model_id: str | None, extract: Callable[[Any], Any],
+             context: Any) -> Any:
+    """:meth:`WeightSyncScheme.prepare_weights`, extracting a module's weights with
+    ``extract``."""
+    if weights is None:
+        if context is None or model_id is None:
+            return None
+        try:
+            model = resolve_attr(context, model_id)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return None
+        return None if model is None else extract(model)
+    if isinstance(weights, nn.Module):
+        return extract(weights)
+    if isinstance(weights, str):
+        if context is None:
+            raise InvalidArgumentError(
+                f"cannot resolve the model path {weights!r}: the scheme has no context"
+            )
+        return extract(resolve_attr(context, weights))
+    if isinstance(weights, (TensorDictBase, Mapping)):
+        return weights
+    raise UnsupportedWeightsError(
+        f"cannot send weights of type {type(weights).__name__}; expected an nn.Module, a "
+        "TensorDict, a dict of tensors, a model path or None"
+    )
 
 
 class WeightSyncScheme(abc.ABC):
@@ -584,11 +612,17 @@ class WeightSyncScheme(abc.ABC):
         if not self._synchronized_on_sender:
             raise SchemeStateError("send: the sender is not connected (call connect first)")
         ids = _worker_list(worker_ids)
-        prepared = self.prepare_weights(weights, self._model_id, self._strategy, self.context)
+        if type(self).prepare_weights is WeightSyncScheme.prepare_weights:
+            # The base's preparation, with the strategy's cached tree for a module instead of
+            # a fresh copy per send: only the transports see it, and what they cache per
+            # weights object (a copy plan, a layout) then holds from one send to the next.
+            prepared = _prepare(weights, self._model_id, self._strategy._extract, self.context)
+        else:
+            prepared = self.prepare_weights(weights, self._model_id, self._strategy, self.context)
         if prepared is None and weights is None:
             model = self.model
             if model is not None:
-                prepared = self._strategy.extract_weights(model)
+                prepared = self._strategy._extract(model)
         if prepared is None:
             raise SchemeStateError(
                 f"send: no weights given and no model to take them from (model_id="
@@ -621,28 +655,7 @@ class WeightSyncScheme(abc.ABC):
             The weights to send, or ``None`` when ``weights`` is ``None`` and no model could
             be found.
         """
-        if weights is None:
-            if context is None or model_id is None:
-                return None
-            try:
-                model = resolve_attr(context, model_id)
-            except (AttributeError, KeyError, IndexError, TypeError):
-                return None
-            return None if model is None else strategy.extract_weights(model)
-        if isinstance(weights, nn.Module):
-            return strategy.extract_weights(weights)
-        if isinstance(weights, str):
-            if context is None:
-                raise InvalidArgumentError(
-                    f"cannot resolve the model path {weights!r}: the scheme has no context"
-                )
-            return strategy.extract_weights(resolve_attr(context, weights))
-        if isinstance(weights, (TensorDictBase, Mapping)):
-            return weights
-        raise UnsupportedWeightsError(
-            f"cannot send weights of type {type(weights).__name__}; expected an nn.Module, a "
-            "TensorDict, a dict of tensors, a model path or None"
-        )
+        return _prepare(weights, model_id, strategy.extract_weights, context)
 
     # -- receiving -----------------------------------------------------------------------------
 
