@@ -586,6 +586,52 @@ def test_schemes_pass_torchrl_isinstance_checks():
     assert isinstance(InboxScheme(), torchrl_schemes.WeightSyncScheme)
 
 
+def test_only_create_transport_is_abstract():
+    assert WeightSyncScheme.__abstractmethods__ == frozenset({"create_transport"})
+    torchrl_schemes = pytest.importorskip("torchrl.weight_update.weight_sync_schemes")
+    assert WeightSyncScheme.__abstractmethods__ == \
+        torchrl_schemes.WeightSyncScheme.__abstractmethods__
+
+
+def test_scheme_overriding_init_on_sender_and_receiver_directly():
+    class DirectInit(WeightSyncScheme):  # the TorchRL way: no _init_on_*_impl
+        def create_transport(self, **kwargs):
+            return InboxTransport(**kwargs)
+
+        def init_on_sender(self, *, model_id, model=None, **kwargs):
+            self.model_id, self.model = model_id, model
+            self._register_worker_sender(worker_idx=0)
+            self._initialized_on_sender = True
+
+        def init_on_receiver(self, *, model_id, context=None, model=None, **kwargs):
+            self.model_id, self.model = model_id, model
+            self._initialized_on_receiver = True
+
+    trainer, policy = make_net(0), make_net(1)
+    sender, receiver = DirectInit(), DirectInit()
+    sender.init_on_sender(model_id="policy", model=trainer)
+    sender.connect()
+    sender.send()
+    assert sender.initialized_on_sender and sender.version == 1
+    receiver.init_on_receiver(model_id="policy", model=policy)
+    receiver.apply_weights(sender.sender_transports[0].inbox.pop())
+    assert same_weights(policy, trainer) and receiver.version == 1
+
+
+def test_init_without_an_implementation_raises_and_leaves_the_scheme_uninitialised():
+    class TransportOnly(WeightSyncScheme):
+        def create_transport(self, **kwargs):
+            return InboxTransport(**kwargs)
+
+    scheme = TransportOnly()
+    with pytest.raises(NotImplementedError, match="TransportOnly cannot be a sender"):
+        scheme.init_on_sender(model_id="policy")
+    assert not scheme.initialized_on_sender
+    with pytest.raises(NotImplementedError, match="receiver \\(model_id='policy'\\)"):
+        scheme.init_on_receiver(model_id="policy")
+    assert not scheme.initialized_on_receiver
+
+
 def test_backend_modules_are_exported_lazily():
     import weightsync.schemes as schemes
     import weightsync.transports as transports

@@ -22,11 +22,16 @@ Subclasses override small hooks; the public methods keep the phase checks, argum
 normalisation and version counting. Hooks (``*`` = must be implemented):
 
 - ``create_transport(**kwargs)`` *: a new transport (see :mod:`weightsync.transports`).
-- ``_init_on_sender_impl(*args, **kwargs)`` *: record what ``send`` needs; register
+- ``_init_on_sender_impl(*args, **kwargs)`` (*): record what ``send`` needs; register
   transports with :meth:`_register_worker_sender` or set :attr:`shared_transport`.
-- ``_init_on_receiver_impl(*, model_id, context=None, **kwargs)`` *: record the model
+- ``_init_on_receiver_impl(*, model_id, context=None, **kwargs)`` (*): record the model
   (``self.model = ...`` or through ``context``) and the receiver transport
   (:meth:`_register_transport_receiver`).
+
+(*): needed for that side unless the scheme overrides ``init_on_sender`` /
+``init_on_receiver`` themselves, as schemes written for TorchRL may; only
+``create_transport`` is abstract, as in TorchRL. Called without an implementation they raise
+``NotImplementedError`` and leave the scheme uninitialised.
 - ``_setup_connection_and_weights_on_sender_impl(*, weights=None)``: first rendez-vous on the
   sender; by default runs each transport's ``setup_connection_and_weights_on_sender``.
 - ``_setup_connection_and_weights_on_receiver_impl(*, worker_idx=None)``: the receiver half;
@@ -518,13 +523,21 @@ class WeightSyncScheme(abc.ABC):
             self._initialized_on_receiver = False
             raise
 
-    @abc.abstractmethod
+    # Not abstract, as in TorchRL (whose only abstract method is create_transport): a scheme
+    # written for TorchRL may override init_on_sender / init_on_receiver themselves instead.
     def _init_on_sender_impl(self, *args: Any, **kwargs: Any) -> None:
         """Sender-side initialisation of the concrete scheme."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be a sender: it implements neither "
+            "_init_on_sender_impl nor init_on_sender"
+        )
 
-    @abc.abstractmethod
     def _init_on_receiver_impl(self, *, model_id: str, context: Any = None, **kwargs: Any) -> None:
         """Receiver-side initialisation of the concrete scheme."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be a receiver (model_id={model_id!r}): it implements "
+            "neither _init_on_receiver_impl nor init_on_receiver"
+        )
 
     # -- connection ----------------------------------------------------------------------------
 
