@@ -178,6 +178,38 @@ def test_unknown_backend_lists_the_choices():
         WeightSyncScheme.from_backend(["none"])
 
 
+@pytest.mark.parametrize("name, runs_on", [("rpc", "torch.distributed.rpc"), ("ray", "Ray")])
+def test_torchrl_backends_weightsync_lacks_say_so(name, runs_on):
+    with pytest.raises(UnknownBackendError) as info:
+        WeightSyncScheme.from_backend(name)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, WeightSyncError)
+    message = str(info.value)
+    assert f"backend {name!r} (TorchRL's" in message and runs_on in message
+    assert "is not provided by weightsync" in message
+    assert f"available here: {available_backends()}" in message
+    assert str(backend_names()) in message
+
+
+def test_register_weight_sync_backend_is_torchrls_name_and_decorates(monkeypatch):
+    import weightsync
+
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    assert registry.register_weight_sync_backend is register_backend
+    assert weightsync.register_weight_sync_backend is register_backend
+
+    @weightsync.register_weight_sync_backend("rpc")  # TorchRL's usage, a local class
+    class LocalScheme(InboxScheme):
+        pass
+
+    assert LocalScheme.__name__ == "LocalScheme"  # the decorator returns the class
+    assert type(WeightSyncScheme.from_backend("rpc")) is LocalScheme
+    with pytest.raises(InvalidArgumentError, match="scheme class.*got a int"):
+        register_backend("bad", 3)
+    assert "bad" not in backend_names()
+    torchrl_schemes = pytest.importorskip("torchrl.weight_update.weight_sync_schemes")
+    assert callable(torchrl_schemes.register_weight_sync_backend)  # the name mirrored
+
+
 def test_register_backend_is_one_line(monkeypatch):
     monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
     monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))

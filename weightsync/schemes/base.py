@@ -271,7 +271,8 @@ class WeightSyncScheme(abc.ABC):
             **kwargs: passed to the scheme's constructor.
 
         Raises:
-            UnknownBackendError: an unknown name (a ``ValueError``); the message lists them.
+            UnknownBackendError: an unknown name, or TorchRL's ``"rpc"`` / ``"ray"``, which
+                weightsync does not provide (a ``ValueError``); the message lists the choices.
             BackendUnavailableError: the backend cannot be used here; the message says why.
         """
         return resolve_backend(backend)(**kwargs)
