@@ -251,6 +251,52 @@ def test_tied_weights_and_self_application(backend):
     assert_same_bytes(before, dst)
 
 
+def _tied(dst_form: str, dst_order: tuple[str, str]):
+    """A destination holding one tensor under keys "a" and "c", in ``dst_order``; returns it,
+    the tensor and each name's key in it."""
+    x = torch.zeros(4)
+    if dst_form == "module":
+        destination = nn.Module()
+        for name in dst_order:
+            setattr(destination, name, nn.Module())
+            getattr(destination, name).register_buffer("w", x)
+        return destination, x, {"a": "a.w", "c": "c.w"}
+    destination = TensorDict({name: x for name in dst_order})
+    if dst_form == "locked_td":
+        destination.lock_()
+    return destination, x, {"a": "a", "c": "c"}
+
+
+@pytest.mark.parametrize("dst_form", ["td", "locked_td", "module"])
+@pytest.mark.parametrize("dst_order", [("a", "c"), ("c", "a")])
+@pytest.mark.parametrize("weights_order", [("a", "c"), ("c", "a")])
+def test_tied_destination_fed_different_sources_takes_its_last_key(
+        backend, dst_form, dst_order, weights_order):
+    values = {"a": torch.full((4,), 1.0), "c": torch.full((4,), 2.0)}
+    destination, x, key = _tied(dst_form, dst_order)
+    weights = {key[k]: values[k] for k in weights_order}
+    strategy = WeightStrategy()
+    strategy.apply_weights(destination, weights)
+    assert torch.equal(x, values[dst_order[-1]])  # the destination's last key wins
+    strategy.apply_weights(destination, weights)  # again, through the cached plan
+    assert torch.equal(x, values[dst_order[-1]])
+    try:
+        from torchrl.weight_update import WeightStrategy as TorchRLStrategy
+    except ImportError:
+        pass
+    else:  # the reference: TorchRL's strategy leaves the same
+        theirs, y, _ = _tied(dst_form if dst_form != "locked_td" else "td", dst_order)
+        TorchRLStrategy().apply_weights(theirs, weights if dst_form == "module"
+                                        else TensorDict(weights))
+        assert torch.equal(y, x)
+    # The same source under both keys: one copy.
+    same = {key["a"]: torch.full((4,), 3.0)}
+    same[key["c"]] = same[key["a"]]
+    strategy.apply_weights(destination, same)
+    assert torch.equal(x, same[key["a"]])
+    assert len(strategy._binding(destination, same).keys) == 1
+
+
 @pytest.mark.gpu
 def test_cpu_weights_into_gpu_module(backend):
     src = make_net(0)

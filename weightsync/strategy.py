@@ -525,15 +525,20 @@ def _bind(destination: Any, weights: Any, state_dict_keys: bool) -> _Binding:
     dst_list: list[torch.Tensor] = []
     src_list: list[torch.Tensor] = []
     keys: list[Key] = []
-    seen: set[tuple] = set()
+    # Each destination tensor is written once. One tensor under several keys (tied weights)
+    # takes the source of the last of those keys in the destination's order: what TorchRL's
+    # strategy leaves when the sources differ (its update_ writes in the destination's key
+    # order, whatever the weights' order). The same source under each key is one copy.
+    chosen: dict[tuple, tuple[int, Key, torch.Tensor]] = {}
     for key, d in zip(dst.keys, dst.tensors):
-        s = src.tensors[src_index[key]]
-        if d.numel() == 0 or d is s or _same_memory(d, s):
-            continue  # nothing to move: empty, or pushing a tree into itself
+        if d.numel() == 0:
+            continue
         ident = (d.device, d.data_ptr(), d.dtype, d.shape, d.stride())
-        if ident in seen:
-            continue  # tied weights: one tensor under two keys is written once
-        seen.add(ident)
+        chosen[ident] = (src_index[key], key, d)
+    for position, key, d in chosen.values():
+        s = src.tensors[position]
+        if d is s or _same_memory(d, s):
+            continue  # nothing to move: pushing a tree into itself
         dst_list.append(d)
         src_list.append(s)
         keys.append(key)
@@ -704,6 +709,12 @@ class WeightStrategy:
         them, e.g. taken with ``from_module``, have them ignored). Extra state in ``weights``
         is applied with ``set_extra_state`` when the destination is a module and ignored
         otherwise.
+
+        A destination tensor found under several keys (tied weights) is written once, in
+        place: when the weights hold different tensors under those keys, the weight of the
+        last of those keys in the destination's order wins (a module's: registration order),
+        whatever the weights' order, as with TorchRL's strategy. Out of place, each key is
+        pointed at its own weight: tied keys stay tied only if the weights tie them.
 
         Raises:
             KeyMismatchError / ShapeMismatchError / DTypeMismatchError: naming the first key
