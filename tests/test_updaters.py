@@ -1,10 +1,12 @@
 """Legacy weight updaters: every member of VanillaWeightUpdater's seed page, the base's push
-lifecycle (hooks, versions, errors), MultiProcessedWeightUpdater, and TorchRL interop."""
+lifecycle (hooks, versions, errors), MultiProcessedWeightUpdater, pickling into a spawned
+process, and TorchRL interop."""
 
 from __future__ import annotations
 
 import gc
 import inspect
+import multiprocessing as mp
 import pickle
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
+import _spawn_helpers
 from weightsync.errors import (
     DTypeMismatchError,
     InvalidArgumentError,
@@ -281,6 +284,50 @@ def test_updater_pickles_without_its_collector(backend):
     assert clone.collector is None and clone.version == 0
     clone.push_weights(make_net(0))
     assert clone.version == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["vanilla", "multi_processed"])
+def test_updater_crosses_into_a_spawned_process(backend, kind):
+    policy = _spawn_helpers.make_policy(seed=1)
+    weights = TensorDict.from_module(policy).lock_()
+    if kind == "vanilla":
+        updater = VanillaWeightUpdater(weight_getter=_spawn_helpers.trainer_weights,
+                                       policy_weights=weights)
+    else:
+        updater = MultiProcessedWeightUpdater(get_server_weights=_spawn_helpers.trainer_weights,
+                                              policy_weights={0: weights})
+    updater.register_post_hook(_spawn_helpers.count_push)
+    collector = Collector()
+    updater.register_collector(collector)
+    updater.push_weights(_spawn_helpers.make_policy(seed=3))  # a cached plan, version 1
+    spawn = mp.get_context("spawn")
+    results = spawn.Queue()
+    proc = spawn.Process(target=_spawn_helpers.updater_pushes, args=(updater, results))
+    proc.start()
+    try:
+        out = results.get(timeout=_spawn_helpers.JOIN_TIMEOUT)
+    finally:
+        proc.join(_spawn_helpers.JOIN_TIMEOUT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(_spawn_helpers.JOIN_TIMEOUT)
+    assert "error" not in out, out.get("error")
+    assert proc.exitcode == 0
+    assert out["arrived"] == {
+        "type": type(updater).__name__, "version": 1, "collector": None, "post_hooks": True,
+        "plans_cached": 0,  # the strategy crosses without its caches
+    }
+    assert out["version"] == 3 and out["hook_calls"] == 2
+
+    def as_bytes(net):
+        return {".".join(k): _spawn_helpers.tensor_bytes(v)
+                for k, v in TensorDict.from_module(net).items(True, True)}
+
+    assert out["from_getter"] == as_bytes(_spawn_helpers.make_policy(seed=0))
+    assert out["pushed"] == as_bytes(_spawn_helpers.make_policy(seed=2))
+    # The parent's updater is untouched by the pickling.
+    assert updater.collector is collector and updater.version == 1
 
 
 # -- WeightUpdaterBase ----------------------------------------------------------------------------
