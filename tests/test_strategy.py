@@ -149,7 +149,8 @@ def test_scheme_weights_are_a_copy_the_caller_may_change():
 
 
 def _extra_keys(td) -> set:
-    return {k for k in td.keys(True, True) if EXTRA_STATE_KEY in (k if isinstance(k, tuple) else (k,))}
+    return {k for k in td.keys(True, True)
+            if EXTRA_STATE_KEY in (k if isinstance(k, tuple) else (k,))}
 
 
 def test_extract_tensordict_from_tensordict_and_dict():
@@ -478,6 +479,25 @@ def test_a_refused_extra_state_leaves_the_destination_as_it_was(backend, inplace
     strategy.apply_weights(dst, weights, inplace=inplace)
     assert dst.first.calls == 0 and torch.equal(dst.first.stats, torch.zeros(2))
     assert_same_bytes(dst, src)
+
+
+def test_a_failed_copy_restores_the_extra_state_it_set(backend):
+    src, dst = Sets(0), Sets(1)
+    strategy = WeightStrategy()
+    weights = strategy.extract_weights(src)
+    binding = strategy._binding(dst, weights)
+
+    class FailingPlan:  # what an engine error at run time looks like
+        def prepare(self) -> None:
+            pass
+
+        def run(self) -> None:
+            raise WeightSyncError("index 0: the copy failed")
+
+    binding.plan = FailingPlan()
+    with pytest.raises(WeightSyncError, match="the copy failed.*index 0 is key"):
+        strategy.apply_weights(dst, weights)
+    assert dst.first.calls == 1 and torch.equal(dst.first.stats, torch.full((2,), 1.0))
 
 
 # -- out-of-place application ---------------------------------------------------------------------

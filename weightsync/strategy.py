@@ -132,23 +132,25 @@ def _extra_from_tree(value: Any) -> Any:
     return value
 
 
-def _set_extra_states(targets: list[tuple[nn.Module, Any]]) -> None:
+def _set_extra_states(targets: list[tuple[nn.Module, Any]]) -> list[tuple[nn.Module, Any]]:
     """``module.set_extra_state(value)`` for each pair, in order, all or nothing.
 
     Runs before any tensor byte moves. When one raises, the modules already set get back the
     extra state they had (a deep copy of ``get_extra_state()`` taken just before, since a
     ``set_extra_state`` may write into the very tensors ``get_extra_state`` returned), and
     the error propagates. The module that raised is left to its own ``set_extra_state``.
+    Returns what :func:`_restore_extra_states` needs to undo them all.
     """
     done: list[tuple[nn.Module, Any]] = []
     for module, value in targets:
-        before = _extra_snapshot(module)
         try:
+            before = _extra_snapshot(module)
             module.set_extra_state(value)
         except BaseException as exc:
             _restore_extra_states(done, exc)
             raise
         done.append((module, before))
+    return done
 
 
 _NO_SNAPSHOT = object()
@@ -160,7 +162,7 @@ def _extra_snapshot(module: nn.Module) -> Any:
     state = module.get_extra_state()
     try:
         return copy.deepcopy(state)
-    except Exception:  # not deep-copyable (a lock, a handle): the object itself is the best we have
+    except Exception:  # not deep-copyable (a lock, a handle): the object is the best we have
         return state
 
 
@@ -508,14 +510,17 @@ class _Binding:
         # Extra state first: a set_extra_state that refuses its state is the one failure the
         # checks made when the plan was built cannot foresee, and it must find the tensors
         # still untouched (the extra state already set is restored).
-        _set_extra_states(extra)
+        done = _set_extra_states(extra)
         if self.plan is not None:
             try:
                 # The engine copies under torch.no_grad() (parameters that require grad are
                 # leaves autograd would refuse to write in place); no second guard here.
                 self.plan.run()
-            except WeightSyncError as exc:
-                raise _name_plan_indices(exc, self.keys) from None
+            except BaseException as exc:
+                _restore_extra_states(done, exc)  # no new extra state next to failed tensors
+                if isinstance(exc, WeightSyncError):
+                    raise _name_plan_indices(exc, self.keys) from None
+                raise
 
 
 def _bind(destination: Any, weights: Any, state_dict_keys: bool) -> _Binding:
@@ -877,7 +882,6 @@ def _fresh_copy(td: TensorDict) -> TensorDict:
         for key, value in td._tensordict.items()
     }
     return _NEW_UNSAFE(source=entries, batch_size=td.batch_size, device=td.device)
-
 
 
 def _mapping_to_td(mapping: Mapping[Any, Any]) -> TensorDict:
