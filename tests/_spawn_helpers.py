@@ -10,6 +10,7 @@ import traceback
 from typing import Any
 
 import torch
+from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 #: Timeout of every join and every queue wait in these tests, in seconds.
@@ -55,5 +56,48 @@ def receiver_applies(scheme: Any, weights: dict[str, torch.Tensor], results: Any
             "weights": {k: tensor_bytes(v) for k, v in policy.state_dict().items()},
         })
         scheme.shutdown()
+    except BaseException:
+        results.put({"error": traceback.format_exc()})
+
+
+def trainer_weights() -> TensorDict:
+    """A weight getter that pickles (it is top level): the weights of ``make_policy(0)``."""
+    return TensorDict.from_module(make_policy(seed=0))
+
+
+#: What :func:`count_push` recorded in this process.
+HOOK_CALLS: list[int] = []
+
+
+def count_push() -> None:
+    """A post-hook that pickles: counts the pushes made in this process."""
+    HOOK_CALLS.append(1)
+
+
+def updater_pushes(updater: Any, results: Any) -> None:
+    """Child side of the updater pickling test: report the updater's state as it arrived,
+    push through its weight getter, then push ``make_policy(2)`` to worker 0, and send back
+    the policy weights after each push."""
+    try:
+        policy = updater.policy_weights
+        if not isinstance(policy, TensorDictBase):  # MultiProcessedWeightUpdater: worker 0's
+            policy = policy[0]
+        arrived = {
+            "type": type(updater).__name__,
+            "version": updater.version,
+            "collector": updater.collector,
+            "post_hooks": updater.post_hooks == [count_push],
+            "plans_cached": len(updater._strategy._destinations),
+        }
+        updater.push_weights()
+        from_getter = {".".join(k): tensor_bytes(v) for k, v in policy.items(True, True)}
+        updater.push_weights(make_policy(seed=2), worker_ids=0)
+        results.put({
+            "arrived": arrived,
+            "version": updater.version,
+            "hook_calls": len(HOOK_CALLS),
+            "from_getter": from_getter,
+            "pushed": {".".join(k): tensor_bytes(v) for k, v in policy.items(True, True)},
+        })
     except BaseException:
         results.put({"error": traceback.format_exc()})

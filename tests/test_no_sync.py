@@ -124,6 +124,18 @@ def test_apply_weights_applies_to_the_model(backend):
         sender.apply_weights(TensorDict())
 
 
+@pytest.mark.parametrize("strategy", ["state_dict", "tensordict"])
+def test_apply_weights_of_its_own_weights_with_a_non_persistent_buffer(backend, strategy):
+    net = make_net(1)
+    net[0].register_buffer("tmp", torch.arange(3.0), persistent=False)
+    scheme = NoWeightSyncScheme(strategy)
+    scheme.init_on_receiver(model_id="policy", model=net)
+    before = {k: v.clone() for k, v in TensorDict.from_module(net).items(True, True)}
+    scheme.apply_weights(scheme.weights)  # state_dict(): no "0.tmp", and none needed
+    assert scheme.version == 1
+    assert all(torch.equal(before[k], v) for k, v in TensorDict.from_module(net).items(True, True))
+
+
 def test_create_transport_is_a_no_op_transport():
     transport = NoWeightSyncScheme().create_transport(anything=1)
     assert isinstance(transport, NoOpTransport)

@@ -178,6 +178,38 @@ def test_unknown_backend_lists_the_choices():
         WeightSyncScheme.from_backend(["none"])
 
 
+@pytest.mark.parametrize("name, runs_on", [("rpc", "torch.distributed.rpc"), ("ray", "Ray")])
+def test_torchrl_backends_weightsync_lacks_say_so(name, runs_on):
+    with pytest.raises(UnknownBackendError) as info:
+        WeightSyncScheme.from_backend(name)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, WeightSyncError)
+    message = str(info.value)
+    assert f"backend {name!r} (TorchRL's" in message and runs_on in message
+    assert "is not provided by weightsync" in message
+    assert f"available here: {available_backends()}" in message
+    assert str(backend_names()) in message
+
+
+def test_register_weight_sync_backend_is_torchrls_name_and_decorates(monkeypatch):
+    import weightsync
+
+    monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
+    assert registry.register_weight_sync_backend is register_backend
+    assert weightsync.register_weight_sync_backend is register_backend
+
+    @weightsync.register_weight_sync_backend("rpc")  # TorchRL's usage, a local class
+    class LocalScheme(InboxScheme):
+        pass
+
+    assert LocalScheme.__name__ == "LocalScheme"  # the decorator returns the class
+    assert type(WeightSyncScheme.from_backend("rpc")) is LocalScheme
+    with pytest.raises(InvalidArgumentError, match="scheme class.*got a int"):
+        register_backend("bad", 3)
+    assert "bad" not in backend_names()
+    torchrl_schemes = pytest.importorskip("torchrl.weight_update.weight_sync_schemes")
+    assert callable(torchrl_schemes.register_weight_sync_backend)  # the name mirrored
+
+
 def test_register_backend_is_one_line(monkeypatch):
     monkeypatch.setattr(registry, "_BACKENDS", dict(registry._BACKENDS))
     monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
@@ -292,6 +324,26 @@ def test_send_receive_and_versions(backend):
     assert receivers[1].receive() is not None and receivers[1].receive() is not None
     assert receivers[1].version == 3 and same_weights(policies[1], trainer)
     assert not same_weights(policies[0], trainer)
+
+
+def test_send_hands_transports_one_weights_object_per_module():
+    trainer, sender, _, _ = sender_and_receivers()
+
+    class Context:
+        policy = trainer
+
+    context = Context()  # held weakly by the scheme
+    sender.context = context
+    sender.send()
+    sender.send(trainer)
+    sender.send("policy")
+    inbox = sender.sender_transports[0].inbox
+    # The strategy's cached tree each time (what a transport caches per object holds), while
+    # what the public calls return is the caller's to change.
+    assert len(inbox) == 3 and inbox[0] is inbox[1] is inbox[2]
+    assert inbox[0]["0", "weight"] is trainer[0].weight
+    public = sender.prepare_weights(trainer, "policy", sender.strategy)
+    assert public is not inbox[0] and sender.weights is not inbox[0]
 
 
 def test_unknown_worker_sends_nothing():
@@ -561,9 +613,55 @@ def test_scheme_crosses_into_a_spawned_process(backend):
 
 def test_schemes_pass_torchrl_isinstance_checks():
     torchrl_schemes = pytest.importorskip("torchrl.weight_update.weight_sync_schemes")
-    scheme = NoWeightSyncScheme()  # construction registers us once TorchRL is loaded
+    scheme = NoWeightSyncScheme()  # registered when TorchRL loaded, in any import order
     assert isinstance(scheme, torchrl_schemes.WeightSyncScheme)
     assert isinstance(InboxScheme(), torchrl_schemes.WeightSyncScheme)
+
+
+def test_only_create_transport_is_abstract():
+    assert WeightSyncScheme.__abstractmethods__ == frozenset({"create_transport"})
+    torchrl_schemes = pytest.importorskip("torchrl.weight_update.weight_sync_schemes")
+    assert WeightSyncScheme.__abstractmethods__ == \
+        torchrl_schemes.WeightSyncScheme.__abstractmethods__
+
+
+def test_scheme_overriding_init_on_sender_and_receiver_directly():
+    class DirectInit(WeightSyncScheme):  # the TorchRL way: no _init_on_*_impl
+        def create_transport(self, **kwargs):
+            return InboxTransport(**kwargs)
+
+        def init_on_sender(self, *, model_id, model=None, **kwargs):
+            self.model_id, self.model = model_id, model
+            self._register_worker_sender(worker_idx=0)
+            self._initialized_on_sender = True
+
+        def init_on_receiver(self, *, model_id, context=None, model=None, **kwargs):
+            self.model_id, self.model = model_id, model
+            self._initialized_on_receiver = True
+
+    trainer, policy = make_net(0), make_net(1)
+    sender, receiver = DirectInit(), DirectInit()
+    sender.init_on_sender(model_id="policy", model=trainer)
+    sender.connect()
+    sender.send()
+    assert sender.initialized_on_sender and sender.version == 1
+    receiver.init_on_receiver(model_id="policy", model=policy)
+    receiver.apply_weights(sender.sender_transports[0].inbox.pop())
+    assert same_weights(policy, trainer) and receiver.version == 1
+
+
+def test_init_without_an_implementation_raises_and_leaves_the_scheme_uninitialised():
+    class TransportOnly(WeightSyncScheme):
+        def create_transport(self, **kwargs):
+            return InboxTransport(**kwargs)
+
+    scheme = TransportOnly()
+    with pytest.raises(NotImplementedError, match="TransportOnly cannot be a sender"):
+        scheme.init_on_sender(model_id="policy")
+    assert not scheme.initialized_on_sender
+    with pytest.raises(NotImplementedError, match="receiver \\(model_id='policy'\\)"):
+        scheme.init_on_receiver(model_id="policy")
+    assert not scheme.initialized_on_receiver
 
 
 def test_backend_modules_are_exported_lazily():

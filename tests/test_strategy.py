@@ -101,14 +101,56 @@ def test_extract_tensordict_from_module_holds_live_tensors():
     assert td["0", "weight"] is net[0].weight
     assert td["1", "running_mean"] is net[1].running_mean
     assert set(as_bytes(td)) == set(net.state_dict())
-    # Reused while the module keeps its tensors; rebuilt when one is replaced.
-    assert WeightStrategy().extract_weights(net) is not td
+    # A replaced tensor is seen at the next call.
     strategy = WeightStrategy()
-    first = strategy.extract_weights(net)
-    assert strategy.extract_weights(net) is first
+    strategy.extract_weights(net)
     net[0].weight = nn.Parameter(torch.zeros(8, 4))
-    second = strategy.extract_weights(net)
-    assert second is not first and second["0", "weight"] is net[0].weight
+    assert strategy.extract_weights(net)["0", "weight"] is net[0].weight
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_extract_tensordict_from_module_is_a_new_unlocked_tree_each_call(extra):
+    net = WithExtra() if extra else make_net(0)
+    live = dict(TensorDict.from_module(net).items(True, True))
+    strategy = WeightStrategy()
+    first, second = strategy.extract_weights(net), strategy.extract_weights(net)
+    assert first is not second and not first.is_locked and not second.is_locked
+    for td in (first, second):
+        assert {k: v for k, v in td.items(True, True) if k not in _extra_keys(td)} == live
+        assert all(td.get(k) is v for k, v in live.items())  # the module's own tensors
+    # Changing one reaches neither the next call, nor another copy, nor the cached tree the
+    # internal paths use.
+    key = next(iter(live))
+    first.set(key, torch.zeros(1))
+    first.set("added", torch.ones(1))
+    del first[key[0]]
+    first.lock_()
+    third = strategy.extract_weights(net)
+    for td in (second, third, strategy._extract(net)):
+        assert td.get(key) is live[key] and "added" not in td.keys()
+    assert not third.is_locked
+    if extra:  # extra state read at each call, without changing earlier copies
+        net.steps = 5
+        assert strategy.extract_weights(net)[EXTRA_STATE_KEY] == 5
+        assert second[EXTRA_STATE_KEY] == 0
+
+
+def test_scheme_weights_are_a_copy_the_caller_may_change():
+    from weightsync.schemes import NoWeightSyncScheme
+
+    net = make_net(0)
+    scheme = NoWeightSyncScheme()
+    scheme.init_on_receiver(model_id="policy", model=net)
+    weights = scheme.weights
+    weights["0", "weight"] = torch.zeros(8, 4)
+    del weights["2"]
+    assert scheme.weights["0", "weight"] is net[0].weight and "2" in scheme.weights.keys()
+    scheme.apply_weights(scheme.weights)
+
+
+def _extra_keys(td) -> set:
+    return {k for k in td.keys(True, True)
+            if EXTRA_STATE_KEY in (k if isinstance(k, tuple) else (k,))}
 
 
 def test_extract_tensordict_from_tensordict_and_dict():
@@ -210,6 +252,52 @@ def test_tied_weights_and_self_application(backend):
     assert_same_bytes(before, dst)
 
 
+def _tied(dst_form: str, dst_order: tuple[str, str]):
+    """A destination holding one tensor under keys "a" and "c", in ``dst_order``; returns it,
+    the tensor and each name's key in it."""
+    x = torch.zeros(4)
+    if dst_form == "module":
+        destination = nn.Module()
+        for name in dst_order:
+            setattr(destination, name, nn.Module())
+            getattr(destination, name).register_buffer("w", x)
+        return destination, x, {"a": "a.w", "c": "c.w"}
+    destination = TensorDict({name: x for name in dst_order})
+    if dst_form == "locked_td":
+        destination.lock_()
+    return destination, x, {"a": "a", "c": "c"}
+
+
+@pytest.mark.parametrize("dst_form", ["td", "locked_td", "module"])
+@pytest.mark.parametrize("dst_order", [("a", "c"), ("c", "a")])
+@pytest.mark.parametrize("weights_order", [("a", "c"), ("c", "a")])
+def test_tied_destination_fed_different_sources_takes_its_last_key(
+        backend, dst_form, dst_order, weights_order):
+    values = {"a": torch.full((4,), 1.0), "c": torch.full((4,), 2.0)}
+    destination, x, key = _tied(dst_form, dst_order)
+    weights = {key[k]: values[k] for k in weights_order}
+    strategy = WeightStrategy()
+    strategy.apply_weights(destination, weights)
+    assert torch.equal(x, values[dst_order[-1]])  # the destination's last key wins
+    strategy.apply_weights(destination, weights)  # again, through the cached plan
+    assert torch.equal(x, values[dst_order[-1]])
+    try:
+        from torchrl.weight_update import WeightStrategy as TorchRLStrategy
+    except ImportError:
+        pass
+    else:  # the reference: TorchRL's strategy leaves the same
+        theirs, y, _ = _tied(dst_form if dst_form != "locked_td" else "td", dst_order)
+        TorchRLStrategy().apply_weights(theirs, weights if dst_form == "module"
+                                        else TensorDict(weights))
+        assert torch.equal(y, x)
+    # The same source under both keys: one copy.
+    same = {key["a"]: torch.full((4,), 3.0)}
+    same[key["c"]] = same[key["a"]]
+    strategy.apply_weights(destination, same)
+    assert torch.equal(x, same[key["a"]])
+    assert len(strategy._binding(destination, same).keys) == 1
+
+
 @pytest.mark.gpu
 def test_cpu_weights_into_gpu_module(backend):
     src = make_net(0)
@@ -218,6 +306,53 @@ def test_cpu_weights_into_gpu_module(backend):
     strategy.apply_weights(dst, TensorDict.from_module(src))
     torch.cuda.synchronize()
     assert_same_bytes(dst.cpu(), src)
+
+
+# -- non-persistent buffers -----------------------------------------------------------------------
+
+
+def with_scratch(seed: int) -> nn.Module:
+    """make_net plus a non-persistent buffer, which state_dict() leaves out."""
+    net = make_net(seed)
+    net[1].register_buffer("tmp", torch.full((3,), float(seed)), persistent=False)
+    return net
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_state_dict_strategy_round_trips_a_non_persistent_buffer(backend, inplace):
+    src, dst = with_scratch(0), with_scratch(1)
+    tmp = dst[1].tmp
+    strategy = WeightStrategy("state_dict")
+    weights = strategy.extract_weights(src)
+    assert "1.tmp" not in weights
+    strategy.apply_weights(dst, weights, inplace=inplace)
+    assert_same_bytes(dst, src)  # state_dict(): every persistent tensor
+    assert dst[1].tmp is tmp and torch.equal(tmp, torch.full((3,), 1.0))  # not written
+    # Weights that carry it (from_module's, a module's) leave it alone too.
+    for weights in (TensorDict.from_module(with_scratch(2)), with_scratch(3)):
+        strategy.apply_weights(dst, weights, inplace=inplace)
+        assert dst[1].tmp is tmp and torch.equal(tmp, torch.full((3,), 1.0))
+    # Every other key is still required.
+    partial = dict(strategy.extract_weights(src))
+    del partial["2.bias"]
+    before = as_bytes(dst)
+    with pytest.raises(KeyMismatchError, match="'2.bias'"):
+        strategy.apply_weights(dst, partial, inplace=inplace)
+    assert_same_bytes(before, dst)
+
+
+def test_tensordict_strategy_requires_and_writes_a_non_persistent_buffer(backend):
+    src, dst = with_scratch(0), with_scratch(1)
+    strategy = WeightStrategy("tensordict")
+    weights = strategy.extract_weights(src)
+    assert weights["1", "tmp"] is src[1].tmp
+    strategy.apply_weights(dst, weights)
+    assert torch.equal(dst[1].tmp, src[1].tmp)
+    before = as_bytes(dst) | {"tmp": dst[1].tmp.clone()}
+    with pytest.raises(KeyMismatchError, match="'1.tmp'.*missing"):
+        strategy.apply_weights(dst, with_scratch(2).state_dict())
+    assert_same_bytes({k: v for k, v in before.items() if k != "tmp"}, dst)
+    assert torch.equal(dst[1].tmp, before["tmp"])
 
 
 # -- extra state ----------------------------------------------------------------------------------
@@ -278,6 +413,91 @@ def test_extra_state_for_a_module_without_it_is_refused(backend):
     with pytest.raises(KeyMismatchError, match="'0'.*set_extra_state"):
         WeightStrategy().apply_weights(dst, weights)
     assert_same_bytes(before, dst)
+
+
+class Running(nn.Module):
+    """Extra state held in a tensor that set_extra_state writes in place (like running
+    statistics), and that get_extra_state returns live."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.stats = torch.full((2,), value)
+        self.calls = 0
+
+    def get_extra_state(self):
+        return {"stats": self.stats, "calls": self.calls}
+
+    def set_extra_state(self, state) -> None:
+        self.stats.copy_(state["stats"])
+        self.calls = state["calls"]
+
+
+class Refusing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.refuse = False
+
+    def get_extra_state(self):
+        return 0
+
+    def set_extra_state(self, state) -> None:
+        if self.refuse:
+            raise RuntimeError("refused: incompatible extra state")
+
+
+class Sets(nn.Module):
+    """Two modules with extra state: the first accepts it, the second may refuse it."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.first = Running(float(seed))
+            self.second = Refusing()
+        self.first.calls = seed
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("source", ["extracted", "module", "state_dict"])
+def test_a_refused_extra_state_leaves_the_destination_as_it_was(backend, inplace, source):
+    src, dst = Sets(0), Sets(1)
+    strategy = WeightStrategy("state_dict" if source == "state_dict" else "tensordict")
+    weights = src if source == "module" else strategy.extract_weights(src)
+    before, params, stats = as_bytes(dst), [id(p) for p in dst.parameters()], dst.first.stats
+    dst.second.refuse = True
+    for _ in range(2):  # through a new plan, then through the cached one
+        with pytest.raises(RuntimeError, match="refused"):
+            strategy.apply_weights(dst, weights, inplace=inplace)
+        assert_same_bytes(before, dst)  # every tensor, bit for bit
+        assert [id(p) for p in dst.parameters()] == params  # none re-pointed either
+        # The first module's extra state was set, then restored (its tensor in place).
+        assert dst.first.stats is stats and torch.equal(stats, torch.full((2,), 1.0))
+        assert dst.first.calls == 1
+    dst.second.refuse = False
+    strategy.apply_weights(dst, weights, inplace=inplace)
+    assert dst.first.calls == 0 and torch.equal(dst.first.stats, torch.zeros(2))
+    assert_same_bytes(dst, src)
+
+
+def test_a_failed_copy_restores_the_extra_state_it_set(backend):
+    src, dst = Sets(0), Sets(1)
+    strategy = WeightStrategy()
+    weights = strategy.extract_weights(src)
+    binding = strategy._binding(dst, weights)
+
+    class FailingPlan:  # what an engine error at run time looks like
+        def prepare(self) -> None:
+            pass
+
+        def run(self) -> None:
+            raise WeightSyncError("index 0: the copy failed")
+
+    binding.plan = FailingPlan()
+    with pytest.raises(WeightSyncError, match="the copy failed.*index 0 is key"):
+        strategy.apply_weights(dst, weights)
+    assert dst.first.calls == 1 and torch.equal(dst.first.stats, torch.full((2,), 1.0))
 
 
 # -- out-of-place application ---------------------------------------------------------------------

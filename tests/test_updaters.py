@@ -1,10 +1,12 @@
 """Legacy weight updaters: every member of VanillaWeightUpdater's seed page, the base's push
-lifecycle (hooks, versions, errors), MultiProcessedWeightUpdater, and TorchRL interop."""
+lifecycle (hooks, versions, errors), MultiProcessedWeightUpdater, pickling into a spawned
+process, and TorchRL interop."""
 
 from __future__ import annotations
 
 import gc
 import inspect
+import multiprocessing as mp
 import pickle
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
+import _spawn_helpers
 from weightsync.errors import (
     DTypeMismatchError,
     InvalidArgumentError,
@@ -116,6 +119,18 @@ def test_push_weights_every_form_outside_no_grad(backend, form):
     assert same(policy, trainer) and updater.version == 2
 
 
+def test_pushing_a_module_reuses_one_copy_plan(backend):
+    policy, trainer = make_net(1), make_net(0)
+    updater = VanillaWeightUpdater.from_policy(policy)
+    updater.push_weights(trainer)
+    bindings = updater._strategy._destinations[id(updater.policy_weights)].bindings
+    (first,) = bindings.values()
+    with torch.no_grad():
+        trainer[0].weight.add_(1)
+    updater.push_weights(trainer)  # the strategy's cached tree, not a new copy per push
+    assert list(bindings.values()) == [first] and same(policy, trainer)
+
+
 def test_push_weights_none_asks_the_getter(backend):
     policy, trainer = make_net(1), make_net(0)
     calls = []
@@ -145,11 +160,45 @@ def test_push_weights_none_without_getter_is_an_error():
         empty_getter.push_weights(None)
 
 
-def test_push_weights_rejects_worker_ids_and_bad_types():
+@pytest.mark.parametrize("worker_ids", [0, [0], (0,), [0, 0]])
+def test_push_weights_to_its_only_worker(backend, worker_ids):
+    policy, trainer = make_net(1), make_net(0)
+    updater = VanillaWeightUpdater.from_policy(policy)
+    updater.push_weights(trainer, worker_ids=worker_ids)  # TorchRL's updater accepts these
+    assert same(policy, trainer) and updater.version == 1
+    updater.push_weights(make_net(2), worker_ids=[])  # names no worker: writes nothing
+    assert same(policy, trainer)
+
+
+def test_push_weights_to_the_workers_all_worker_ids_names(backend):
+    class OnDevice(VanillaWeightUpdater):
+        def all_worker_ids(self):
+            return [torch.device("cpu")]
+
+    policy, trainer = make_net(1), make_net(0)
+    updater = OnDevice.from_policy(policy)
+    updater.push_weights(trainer, worker_ids=torch.device("cpu"))
+    assert same(policy, trainer)
+    with pytest.raises(UnknownWorkerError, match=r"names worker 1; .*\[0, device\(type='cpu'\)\]"):
+        updater.push_weights(make_net(2), worker_ids=1)
+
+
+@pytest.mark.parametrize("worker_ids, named", [
+    (1, "1"), ([0, 2], "2"), (True, "True"), (torch.device("cpu"), "device\\(type='cpu'\\)"),
+    ("policy", "'policy'"),
+])
+def test_push_weights_rejects_other_workers_and_changes_nothing(worker_ids, named):
     policy = make_net(1)
     updater = VanillaWeightUpdater.from_policy(policy)
-    with pytest.raises(UnknownWorkerError, match="worker_ids must be None, got \\[0\\]"):
-        updater.push_weights(make_net(0), worker_ids=0)
+    before = raw(policy)
+    with pytest.raises(UnknownWorkerError, match=f"worker_ids=.* names worker {named}; "
+                                                 "expected None or worker ids among \\[0\\]"):
+        updater.push_weights(make_net(0), worker_ids=worker_ids)
+    assert same(before, policy) and updater.version == 0
+
+
+def test_push_weights_rejects_bad_types():
+    updater = VanillaWeightUpdater.from_policy(make_net(1))
     with pytest.raises(UnsupportedWeightsError, match="str"):
         updater.push_weights("policy")
     assert updater.version == 0
@@ -235,6 +284,50 @@ def test_updater_pickles_without_its_collector(backend):
     assert clone.collector is None and clone.version == 0
     clone.push_weights(make_net(0))
     assert clone.version == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["vanilla", "multi_processed"])
+def test_updater_crosses_into_a_spawned_process(backend, kind):
+    policy = _spawn_helpers.make_policy(seed=1)
+    weights = TensorDict.from_module(policy).lock_()
+    if kind == "vanilla":
+        updater = VanillaWeightUpdater(weight_getter=_spawn_helpers.trainer_weights,
+                                       policy_weights=weights)
+    else:
+        updater = MultiProcessedWeightUpdater(get_server_weights=_spawn_helpers.trainer_weights,
+                                              policy_weights={0: weights})
+    updater.register_post_hook(_spawn_helpers.count_push)
+    collector = Collector()
+    updater.register_collector(collector)
+    updater.push_weights(_spawn_helpers.make_policy(seed=3))  # a cached plan, version 1
+    spawn = mp.get_context("spawn")
+    results = spawn.Queue()
+    proc = spawn.Process(target=_spawn_helpers.updater_pushes, args=(updater, results))
+    proc.start()
+    try:
+        out = results.get(timeout=_spawn_helpers.JOIN_TIMEOUT)
+    finally:
+        proc.join(_spawn_helpers.JOIN_TIMEOUT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(_spawn_helpers.JOIN_TIMEOUT)
+    assert "error" not in out, out.get("error")
+    assert proc.exitcode == 0
+    assert out["arrived"] == {
+        "type": type(updater).__name__, "version": 1, "collector": None, "post_hooks": True,
+        "plans_cached": 0,  # the strategy crosses without its caches
+    }
+    assert out["version"] == 3 and out["hook_calls"] == 2
+
+    def as_bytes(net):
+        return {".".join(k): _spawn_helpers.tensor_bytes(v)
+                for k, v in TensorDict.from_module(net).items(True, True)}
+
+    assert out["from_getter"] == as_bytes(_spawn_helpers.make_policy(seed=0))
+    assert out["pushed"] == as_bytes(_spawn_helpers.make_policy(seed=2))
+    # The parent's updater is untouched by the pickling.
+    assert updater.collector is collector and updater.version == 1
 
 
 # -- WeightUpdaterBase ----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from weightsync.schemes import (
     backend_names,
     register_backend,
 )
+from weightsync.schemes.registry import register_weight_sync_backend
 from weightsync.strategy import EXTRA_STATE_KEY, WeightStrategy
 from weightsync.transports import InitialSyncTransport, NoOpTransport, TransportBackend
 from weightsync.updaters import MultiProcessedWeightUpdater, VanillaWeightUpdater, WeightUpdaterBase
@@ -57,6 +58,7 @@ __all__ = [
     "errors",
     "ops",
     "register_backend",
+    "register_weight_sync_backend",
     *errors.__all__,
 ]
 

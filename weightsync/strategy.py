@@ -21,11 +21,14 @@ Applying in place is the hot path of every weight update, so it is built around 
 
 Extra state (``Module.get_extra_state``) travels under the key ``"__extra_state__"`` of the
 module it belongs to (``("__extra_state__",)`` for the root, as in TorchRL) and is applied with
-``set_extra_state``. In a state_dict it keeps torch's own ``"<module>._extra_state"`` key.
+``set_extra_state``, before any tensor is written: a ``set_extra_state`` that raises leaves the
+tensors untouched and the extra state already set restored. In a state_dict it keeps torch's
+own ``"<module>._extra_state"`` key.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import weakref
 from collections.abc import Callable, Mapping
@@ -129,6 +132,59 @@ def _extra_from_tree(value: Any) -> Any:
     return value
 
 
+def _set_extra_states(targets: list[tuple[nn.Module, Any]]) -> list[tuple[nn.Module, Any]]:
+    """``module.set_extra_state(value)`` for each pair, in order, all or nothing.
+
+    Runs before any tensor byte moves. When one raises, the modules already set get back the
+    extra state they had (a deep copy of ``get_extra_state()`` taken just before, since a
+    ``set_extra_state`` may write into the very tensors ``get_extra_state`` returned), and
+    the error propagates. The module that raised is left to its own ``set_extra_state``.
+    Returns what :func:`_restore_extra_states` needs to undo them all.
+    """
+    done: list[tuple[nn.Module, Any]] = []
+    for module, value in targets:
+        try:
+            before = _extra_snapshot(module)
+            module.set_extra_state(value)
+        except BaseException as exc:
+            _restore_extra_states(done, exc)
+            raise
+        done.append((module, before))
+    return done
+
+
+_NO_SNAPSHOT = object()
+
+
+def _extra_snapshot(module: nn.Module) -> Any:
+    if not _defines(module, "get_extra_state"):
+        return _NO_SNAPSHOT  # set_extra_state without get_extra_state: nothing to restore from
+    state = module.get_extra_state()
+    try:
+        return copy.deepcopy(state)
+    except Exception:  # not deep-copyable (a lock, a handle): the object is the best we have
+        return state
+
+
+def _restore_extra_states(done: list[tuple[nn.Module, Any]], exc: BaseException) -> None:
+    for module, before in reversed(done):
+        if before is _NO_SNAPSHOT:
+            _note(exc, f"weightsync: the extra state of a {type(module).__name__} was set and "
+                       "cannot be restored (it defines no get_extra_state)")
+            continue
+        try:
+            module.set_extra_state(before)
+        except Exception as restore_exc:  # the first error is the one to report
+            _note(exc, f"weightsync: restoring the extra state of a {type(module).__name__} "
+                       f"failed too: {type(restore_exc).__name__}: {restore_exc}")
+
+
+def _note(exc: BaseException, note: str) -> None:
+    add_note = getattr(exc, "add_note", None)  # Python 3.11+
+    if add_note is not None:
+        add_note(note)
+
+
 class _At:
     """A reference to the entry of a weights tree at ``key`` (read when it is applied)."""
 
@@ -214,6 +270,37 @@ def _flatten(tree: Any, where: str) -> _Flat:
         f"{where} must be an nn.Module, a TensorDict or a dict of tensors, got "
         f"{type(tree).__name__}"
     )
+
+
+def _non_persistent_keys(module: nn.Module) -> set[Key]:
+    """The keys of ``module``'s non-persistent buffers (``register_buffer(...,
+    persistent=False)``), which its ``state_dict`` leaves out; under every path a shared
+    submodule is reachable by."""
+    keys: set[Key] = set()
+    for name, sub in module.named_modules(remove_duplicate=False):
+        prefix = tuple(name.split(".")) if name else ()
+        keys.update((*prefix, buffer) for buffer in sub._non_persistent_buffers_set)
+    return keys
+
+
+def _flatten_pair(destination: Any, weights: Any, state_dict_keys: bool) -> tuple[_Flat, _Flat]:
+    """The destination and weights trees, flattened and checked against each other.
+
+    With ``state_dict_keys`` a module destination has the keys of its ``state_dict``: its
+    non-persistent buffers are neither required from the weights nor written when the
+    weights carry them (a TensorDict taken with ``TensorDict.from_module`` does).
+    """
+    dst = _flatten(destination, "destination")
+    src = _flatten(weights, "weights")
+    if state_dict_keys and isinstance(destination, nn.Module):
+        skipped = _non_persistent_keys(destination)
+        if skipped:
+            for flat in (dst, src):
+                kept = [(k, t) for k, t in zip(flat.keys, flat.tensors) if k not in skipped]
+                flat.keys = [k for k, _ in kept]
+                flat.tensors = [t for _, t in kept]
+    _check_layouts(dst, src, isinstance(destination, nn.Module))
+    return dst, src
 
 
 def _check_layouts(dst: _Flat, src: _Flat, dst_is_module: bool) -> None:
@@ -412,40 +499,51 @@ class _Binding:
         self.src_ref: weakref.ReferenceType | None = None
 
     def run(self, src: Any) -> None:
-        if self.plan is not None:
-            try:
-                # The engine copies under torch.no_grad() (parameters that require grad are
-                # leaves autograd would refuse to write in place); no second guard here.
-                self.plan.run()
-            except WeightSyncError as exc:
-                raise _name_plan_indices(exc, self.keys) from None
+        extra = []
         for path, module_ref, src_key in self.extra:
             module = module_ref()
             if module is None:
                 raise KeyMismatchError(
                     f"destination module {_key_str(path)!r} that takes the extra state is gone"
                 )
-            module.set_extra_state(_extra_from_tree(_resolve(src, src_key)))
+            extra.append((module, _extra_from_tree(_resolve(src, src_key))))
+        # Extra state first: a set_extra_state that refuses its state is the one failure the
+        # checks made when the plan was built cannot foresee, and it must find the tensors
+        # still untouched (the extra state already set is restored).
+        done = _set_extra_states(extra)
+        if self.plan is not None:
+            try:
+                # The engine copies under torch.no_grad() (parameters that require grad are
+                # leaves autograd would refuse to write in place); no second guard here.
+                self.plan.run()
+            except BaseException as exc:
+                _restore_extra_states(done, exc)  # no new extra state next to failed tensors
+                if isinstance(exc, WeightSyncError):
+                    raise _name_plan_indices(exc, self.keys) from None
+                raise
 
 
-def _bind(destination: Any, weights: Any) -> _Binding:
-    dst = _flatten(destination, "destination")
-    src = _flatten(weights, "weights")
+def _bind(destination: Any, weights: Any, state_dict_keys: bool) -> _Binding:
+    dst, src = _flatten_pair(destination, weights, state_dict_keys)
     dst_is_module = isinstance(destination, nn.Module)
-    _check_layouts(dst, src, dst_is_module)
     src_index = {k: i for i, k in enumerate(src.keys)}
     dst_list: list[torch.Tensor] = []
     src_list: list[torch.Tensor] = []
     keys: list[Key] = []
-    seen: set[tuple] = set()
+    # Each destination tensor is written once. One tensor under several keys (tied weights)
+    # takes the source of the last of those keys in the destination's order: what TorchRL's
+    # strategy leaves when the sources differ (its update_ writes in the destination's key
+    # order, whatever the weights' order). The same source under each key is one copy.
+    chosen: dict[tuple, tuple[int, Key, torch.Tensor]] = {}
     for key, d in zip(dst.keys, dst.tensors):
-        s = src.tensors[src_index[key]]
-        if d.numel() == 0 or d is s or _same_memory(d, s):
-            continue  # nothing to move: empty, or pushing a tree into itself
+        if d.numel() == 0:
+            continue
         ident = (d.device, d.data_ptr(), d.dtype, d.shape, d.stride())
-        if ident in seen:
-            continue  # tied weights: one tensor under two keys is written once
-        seen.add(ident)
+        chosen[ident] = (src_index[key], key, d)
+    for position, key, d in chosen.values():
+        s = src.tensors[position]
+        if d is s or _same_memory(d, s):
+            continue  # nothing to move: pushing a tree into itself
         dst_list.append(d)
         src_list.append(s)
         keys.append(key)
@@ -530,13 +628,26 @@ class WeightStrategy:
             ``"state_dict"``: ``module.state_dict()``, the dict itself, or the TensorDict
             flattened to dotted keys.
 
-            For a module, the TensorDict is reused while the module keeps the same parameter
-            and buffer objects (it is locked unless the module has extra state, which is
-            refreshed at every call).
+            For a module, every call returns a new, unlocked TensorDict (as TorchRL's
+            ``from_module`` does): the caller may add, remove or replace its entries without
+            that reaching later calls or a scheme's ``weights``. Its tensors are the module's
+            own, so writing into them writes into the module.
 
         Raises:
             UnsupportedWeightsError: ``source`` is of another type.
         """
+        if self.extract_as == "tensordict" and isinstance(source, nn.Module):
+            # The cached tree is shared by every internal path; a fresh shell around its
+            # tensors costs about what from_module does, far less than td.copy().
+            return _fresh_copy(self._module_tree(source))
+        return self._extract(source)
+
+    def _extract(self, source: Any) -> TensorDictBase | dict[str, Any]:
+        """:meth:`extract_weights`, except that a module's weights are the strategy's cached
+        TensorDict (locked unless the module has extra state, which is refreshed at every
+        call), reused while the module keeps the same parameter and buffer objects, so a
+        cached copy plan keyed on it holds. For the package's hot paths, which only read it.
+        Internal to the package."""
         if self.extract_as == "tensordict":
             if isinstance(source, nn.Module):
                 return self._module_tree(source)
@@ -597,8 +708,18 @@ class WeightStrategy:
                 TensorDict's entries are replaced.
 
         Both trees must have the same keys and, per key, the same shape and dtype; devices may
-        differ. Extra state in ``weights`` is applied with ``set_extra_state`` when the
-        destination is a module and ignored otherwise.
+        differ. A module destination's keys are those of ``TensorDict.from_module`` with the
+        ``"tensordict"`` strategy, and those of its ``state_dict`` with ``"state_dict"``: its
+        non-persistent buffers are then neither required nor written (weights that carry
+        them, e.g. taken with ``from_module``, have them ignored). Extra state in ``weights``
+        is applied with ``set_extra_state`` when the destination is a module and ignored
+        otherwise.
+
+        A destination tensor found under several keys (tied weights) is written once, in
+        place: when the weights hold different tensors under those keys, the weight of the
+        last of those keys in the destination's order wins (a module's: registration order),
+        whatever the weights' order, as with TorchRL's strategy. Out of place, each key is
+        pointed at its own weight: tied keys stay tied only if the weights tie them.
 
         Raises:
             KeyMismatchError / ShapeMismatchError / DTypeMismatchError: naming the first key
@@ -610,7 +731,7 @@ class WeightStrategy:
             return
         weights = self._weights_tree(weights)
         if not inplace:
-            _apply_out_of_place(destination, weights)
+            _apply_out_of_place(destination, weights, self.extract_as == "state_dict")
             return
         self._binding(destination, weights).run(weights)
 
@@ -650,7 +771,7 @@ class WeightStrategy:
                 and binding.src_snapshot.unchanged(weights)
             ):
                 return binding
-        binding = _bind(destination, weights)
+        binding = _bind(destination, weights, self.extract_as == "state_dict")
         try:
             binding.dst_snapshot = tree_snapshot(destination)
             binding.src_snapshot = tree_snapshot(weights)
@@ -681,7 +802,7 @@ def _dropper(cache: dict[int, Any], key: int, attr: str) -> Callable[[weakref.Re
     return drop
 
 
-def _apply_out_of_place(destination: Any, weights: Any) -> None:
+def _apply_out_of_place(destination: Any, weights: Any, state_dict_keys: bool) -> None:
     if isinstance(destination, Mapping) and not isinstance(destination, TensorDictBase):
         raise InvalidArgumentError(
             "cannot apply weights out of place (inplace=False) to a plain dict; use inplace=True"
@@ -691,14 +812,16 @@ def _apply_out_of_place(destination: Any, weights: Any) -> None:
             "cannot replace the entries of a locked TensorDict (inplace=False); unlock it or "
             "use inplace=True"
         )
-    dst = _flatten(destination, "destination")
-    src = _flatten(weights, "weights")
-    _check_layouts(dst, src, isinstance(destination, nn.Module))
+    dst, src = _flatten_pair(destination, weights, state_dict_keys)
     src_by_key = dict(zip(src.keys, src.tensors))
     if isinstance(destination, TensorDictBase):
         for key in dst.keys:
             destination.set(key, src_by_key[key])
         return
+    # Extra state first, as in place: a set_extra_state that raises leaves every tensor as
+    # it was (and the extra state already set restored).
+    _set_extra_states([(dst.extra[path], _extra_from_tree(_resolve(weights, src_key)))
+                       for path, src_key in src.extra.items()])
     for key, current in zip(dst.keys, dst.tensors):
         new = src_by_key[key]
         owner = destination.get_submodule(".".join(key[:-1]))
@@ -708,8 +831,6 @@ def _apply_out_of_place(destination: Any, weights: Any) -> None:
         elif isinstance(new, nn.Parameter):
             new = new.detach()
         setattr(owner, key[-1], new)
-    for path, src_key in src.extra.items():
-        dst.extra[path].set_extra_state(_extra_from_tree(_resolve(weights, src_key)))
 
 
 def materialize_meta(module: nn.Module, device: torch.device | str | None = None) -> int:
@@ -739,6 +860,28 @@ def materialize_meta(module: nn.Module, device: torch.device | str | None = None
                 # a parameter or a buffer (and a non-persistent buffer stays non-persistent).
                 table[name] = hit[1]
     return len(replaced)
+
+
+# tensordict's unchecked constructor (present in the versions we support; td.copy() otherwise).
+_NEW_UNSAFE = getattr(TensorDict, "_new_unsafe", None)
+
+
+def _fresh_copy(td: TensorDict) -> TensorDict:
+    """A new, unlocked TensorDict holding the same entries as ``td`` (the same tensor objects),
+    its nested TensorDicts copied the same way, so no change made to it reaches ``td``.
+
+    Built with tensordict's unchecked constructor: the entries come from a valid TensorDict,
+    and the checked path (``td.copy()``) costs about 1 us per entry, several times the push
+    of a 1000-tensor model. Non-tensor entries are shared: tensordict replaces them on
+    ``set``, never changes them in place.
+    """
+    if _NEW_UNSAFE is None:
+        return td.copy()
+    entries = {
+        key: _fresh_copy(value) if type(value) is TensorDict else value
+        for key, value in td._tensordict.items()
+    }
+    return _NEW_UNSAFE(source=entries, batch_size=td.batch_size, device=td.device)
 
 
 def _mapping_to_td(mapping: Mapping[Any, Any]) -> TensorDict:

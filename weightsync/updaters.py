@@ -51,7 +51,6 @@ class WeightUpdaterBase(abc.ABC):
     # State is created in __new__, not __init__: TorchRL's updaters (and many written for
     # them) never call super().__init__(), and the base must work for them all the same.
     def __new__(cls, *args: Any, **kwargs: Any) -> WeightUpdaterBase:
-        _register_with_torchrl()
         self = super().__new__(cls)
         self._collector_ref: Any = None
         self._post_hooks: list[Callable[[], Any]] = []
@@ -245,7 +244,9 @@ class WeightUpdaterBase(abc.ABC):
     def _maybe_map_weights(self, server_weights: Any) -> Any:
         """The weights to distribute: a module's are extracted; a TensorDict or dict passes."""
         if isinstance(server_weights, nn.Module):
-            return self._strategy.extract_weights(server_weights)
+            # The strategy's cached tree, not a fresh copy: the copy plan of the next push is
+            # keyed on it, and nothing outside the push sees it.
+            return self._strategy._extract(server_weights)
         if isinstance(server_weights, (TensorDictBase, Mapping)):
             return server_weights
         raise UnsupportedWeightsError(
@@ -259,6 +260,10 @@ class WeightUpdaterBase(abc.ABC):
         """Write ``server_weights`` into worker ``worker_id`` (``None``: the only one)."""
 
 
+# The id of a VanillaWeightUpdater's one local policy (TorchRL's single-worker index).
+_ONLY_WORKER = 0
+
+
 class VanillaWeightUpdater(WeightUpdaterBase):
     """Keeps one local policy's weights up to date, in place.
 
@@ -268,6 +273,9 @@ class VanillaWeightUpdater(WeightUpdaterBase):
         policy_weights (TensorDictBase): the policy's weights, updated in place (a
             TensorDict of the policy's live parameters, as built by :meth:`from_policy`; an
             ``nn.Module`` or a dict of its tensors also work).
+
+    Its one policy is worker 0: ``push_weights(..., worker_ids=0)`` (or ``[0]``) is a push
+    like ``worker_ids=None``; any other id raises :class:`UnknownWorkerError`.
     """
 
     def __init__(
@@ -303,12 +311,28 @@ class VanillaWeightUpdater(WeightUpdaterBase):
     def _get_server_weights(self) -> Any | None:
         return self.weight_getter() if self.weight_getter is not None else None
 
-    def _check_workers(self, worker_ids: list[WorkerId] | None, server_weights: Any) -> None:
-        if worker_ids is not None:
-            raise UnknownWorkerError(
-                f"VanillaWeightUpdater updates one local policy and has no workers; "
-                f"worker_ids must be None, got {worker_ids!r}"
-            )
+    def _targets(self, worker_ids: Any) -> list[WorkerId] | None:
+        """``None`` (the one local policy, pushed once) for ``None`` or ids that all name it.
+
+        TorchRL's collectors pass the user's ``worker_ids`` straight through, and TorchRL's
+        ``VanillaWeightUpdater`` accepts them; its only worker is 0 (or whatever
+        :meth:`all_worker_ids` names, for subclasses). An empty list names no worker and
+        writes nothing, as in the base.
+        """
+        if worker_ids is None:
+            return None
+        ids = list(worker_ids) if isinstance(worker_ids, (list, tuple)) else [worker_ids]
+        known = self.all_worker_ids()
+        accepted = [_ONLY_WORKER, *(known or ())]
+        for worker in ids:
+            # bool is an int: True would pass as worker 1 elsewhere and False as 0 here.
+            if isinstance(worker, bool) or worker not in accepted:
+                raise UnknownWorkerError(
+                    f"{type(self).__name__} updates one local policy, worker {_ONLY_WORKER}; "
+                    f"worker_ids={worker_ids!r} names worker {worker!r}; expected None or "
+                    f"worker ids among {accepted!r}"
+                )
+        return None if ids else []
 
     def _sync_weights_with_worker(self, *, worker_id: None = None, server_weights: Any) -> None:
         self._strategy.apply_weights(self.policy_weights, server_weights, inplace=True)
@@ -383,18 +407,7 @@ class MultiProcessedWeightUpdater(WeightUpdaterBase):
         self._strategy.apply_weights(self._destination(worker_id), server_weights, inplace=True)
 
 
-_torchrl_registered = False
-
-
-def _register_with_torchrl() -> None:
-    """Make our updaters pass TorchRL's ``isinstance(updater, WeightUpdaterBase)`` check (a
-    collector otherwise treats a callable updater as a factory and calls it) when TorchRL
-    is loaded. TorchRL is never imported from here."""
-    global _torchrl_registered
-    if _torchrl_registered:
-        return
-    _torchrl_registered = register_with_torchrl(
-        "torchrl.collectors.weight_update", "WeightUpdaterBase", WeightUpdaterBase)
-
-
-_register_with_torchrl()
+# Our updaters must pass TorchRL's ``isinstance(updater, WeightUpdaterBase)`` check: a
+# collector otherwise takes a callable updater for a factory and calls it. Registered now if
+# TorchRL's module is loaded, else as soon as it is (TorchRL is never imported from here).
+register_with_torchrl("torchrl.collectors.weight_update", "WeightUpdaterBase", WeightUpdaterBase)

@@ -22,11 +22,16 @@ Subclasses override small hooks; the public methods keep the phase checks, argum
 normalisation and version counting. Hooks (``*`` = must be implemented):
 
 - ``create_transport(**kwargs)`` *: a new transport (see :mod:`weightsync.transports`).
-- ``_init_on_sender_impl(*args, **kwargs)`` *: record what ``send`` needs; register
+- ``_init_on_sender_impl(*args, **kwargs)`` (*): record what ``send`` needs; register
   transports with :meth:`_register_worker_sender` or set :attr:`shared_transport`.
-- ``_init_on_receiver_impl(*, model_id, context=None, **kwargs)`` *: record the model
+- ``_init_on_receiver_impl(*, model_id, context=None, **kwargs)`` (*): record the model
   (``self.model = ...`` or through ``context``) and the receiver transport
   (:meth:`_register_transport_receiver`).
+
+(*): needed for that side unless the scheme overrides ``init_on_sender`` /
+``init_on_receiver`` themselves, as schemes written for TorchRL may; only
+``create_transport`` is abstract, as in TorchRL. Called without an implementation they raise
+``NotImplementedError`` and leave the scheme uninitialised.
 - ``_setup_connection_and_weights_on_sender_impl(*, weights=None)``: first rendez-vous on the
   sender; by default runs each transport's ``setup_connection_and_weights_on_sender``.
 - ``_setup_connection_and_weights_on_receiver_impl(*, worker_idx=None)``: the receiver half;
@@ -53,7 +58,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -184,6 +189,34 @@ def _worker_list(worker_ids: int | list[int] | tuple[int, ...] | None) -> list[i
     return ids
 
 
+def _prepare(weights: Any, model_id: str | None, extract: Callable[[Any], Any],
+             context: Any) -> Any:
+    """:meth:`WeightSyncScheme.prepare_weights`, extracting a module's weights with
+    ``extract``."""
+    if weights is None:
+        if context is None or model_id is None:
+            return None
+        try:
+            model = resolve_attr(context, model_id)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            return None
+        return None if model is None else extract(model)
+    if isinstance(weights, nn.Module):
+        return extract(weights)
+    if isinstance(weights, str):
+        if context is None:
+            raise InvalidArgumentError(
+                f"cannot resolve the model path {weights!r}: the scheme has no context"
+            )
+        return extract(resolve_attr(context, weights))
+    if isinstance(weights, (TensorDictBase, Mapping)):
+        return weights
+    raise UnsupportedWeightsError(
+        f"cannot send weights of type {type(weights).__name__}; expected an nn.Module, a "
+        "TensorDict, a dict of tensors, a model path or None"
+    )
+
+
 class WeightSyncScheme(abc.ABC):
     """How one model's weights are synchronised from a sender to its receivers.
 
@@ -197,7 +230,6 @@ class WeightSyncScheme(abc.ABC):
     def __init__(
         self, strategy: Literal["state_dict", "tensordict"] | WeightStrategy = "tensordict"
     ) -> None:
-        _register_with_torchrl()
         if isinstance(strategy, WeightStrategy):
             self._strategy = strategy
         else:
@@ -239,7 +271,8 @@ class WeightSyncScheme(abc.ABC):
             **kwargs: passed to the scheme's constructor.
 
         Raises:
-            UnknownBackendError: an unknown name (a ``ValueError``); the message lists them.
+            UnknownBackendError: an unknown name, or TorchRL's ``"rpc"`` / ``"ray"``, which
+                weightsync does not provide (a ``ValueError``); the message lists the choices.
             BackendUnavailableError: the backend cannot be used here; the message says why.
         """
         return resolve_backend(backend)(**kwargs)
@@ -491,13 +524,21 @@ class WeightSyncScheme(abc.ABC):
             self._initialized_on_receiver = False
             raise
 
-    @abc.abstractmethod
+    # Not abstract, as in TorchRL (whose only abstract method is create_transport): a scheme
+    # written for TorchRL may override init_on_sender / init_on_receiver themselves instead.
     def _init_on_sender_impl(self, *args: Any, **kwargs: Any) -> None:
         """Sender-side initialisation of the concrete scheme."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be a sender: it implements neither "
+            "_init_on_sender_impl nor init_on_sender"
+        )
 
-    @abc.abstractmethod
     def _init_on_receiver_impl(self, *, model_id: str, context: Any = None, **kwargs: Any) -> None:
         """Receiver-side initialisation of the concrete scheme."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be a receiver (model_id={model_id!r}): it implements "
+            "neither _init_on_receiver_impl nor init_on_receiver"
+        )
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -585,11 +626,17 @@ class WeightSyncScheme(abc.ABC):
         if not self._synchronized_on_sender:
             raise SchemeStateError("send: the sender is not connected (call connect first)")
         ids = _worker_list(worker_ids)
-        prepared = self.prepare_weights(weights, self._model_id, self._strategy, self.context)
+        if type(self).prepare_weights is WeightSyncScheme.prepare_weights:
+            # The base's preparation, with the strategy's cached tree for a module instead of
+            # a fresh copy per send: only the transports see it, and what they cache per
+            # weights object (a copy plan, a layout) then holds from one send to the next.
+            prepared = _prepare(weights, self._model_id, self._strategy._extract, self.context)
+        else:
+            prepared = self.prepare_weights(weights, self._model_id, self._strategy, self.context)
         if prepared is None and weights is None:
             model = self.model
             if model is not None:
-                prepared = self._strategy.extract_weights(model)
+                prepared = self._strategy._extract(model)
         if prepared is None:
             raise SchemeStateError(
                 f"send: no weights given and no model to take them from (model_id="
@@ -622,28 +669,7 @@ class WeightSyncScheme(abc.ABC):
             The weights to send, or ``None`` when ``weights`` is ``None`` and no model could
             be found.
         """
-        if weights is None:
-            if context is None or model_id is None:
-                return None
-            try:
-                model = resolve_attr(context, model_id)
-            except (AttributeError, KeyError, IndexError, TypeError):
-                return None
-            return None if model is None else strategy.extract_weights(model)
-        if isinstance(weights, nn.Module):
-            return strategy.extract_weights(weights)
-        if isinstance(weights, str):
-            if context is None:
-                raise InvalidArgumentError(
-                    f"cannot resolve the model path {weights!r}: the scheme has no context"
-                )
-            return strategy.extract_weights(resolve_attr(context, weights))
-        if isinstance(weights, (TensorDictBase, Mapping)):
-            return weights
-        raise UnsupportedWeightsError(
-            f"cannot send weights of type {type(weights).__name__}; expected an nn.Module, a "
-            "TensorDict, a dict of tensors, a model path or None"
-        )
+        return _prepare(weights, model_id, strategy.extract_weights, context)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -836,18 +862,8 @@ class WeightSyncScheme(abc.ABC):
         self.__dict__.update(state)
 
 
-_torchrl_registered = False
-
-
-def _register_with_torchrl() -> None:
-    """Make our schemes pass TorchRL's ``isinstance(scheme, WeightSyncScheme)`` checks, so a
-    collector accepts them, when TorchRL is loaded. TorchRL is never imported from here (it
-    takes seconds); the check runs at import and again at each scheme's construction."""
-    global _torchrl_registered
-    if _torchrl_registered:
-        return
-    _torchrl_registered = register_with_torchrl(
-        "torchrl.weight_update.weight_sync_schemes", "WeightSyncScheme", WeightSyncScheme)
-
-
-_register_with_torchrl()
+# Our schemes must pass TorchRL's ``isinstance(scheme, WeightSyncScheme)`` checks for a
+# collector to accept them. Registered now if TorchRL's module is loaded, else as soon as it
+# is (TorchRL is never imported from here: it takes seconds).
+register_with_torchrl(
+    "torchrl.weight_update.weight_sync_schemes", "WeightSyncScheme", WeightSyncScheme)
