@@ -73,9 +73,13 @@ void unpack(const at::Tensor& flat, const std::vector<at::Tensor>& dst,
   h.call(flat, dst, offsets, false);
 }
 
-bool futex_wait(const at::Tensor& word, std::int64_t expected, double timeout_s) {
-  static auto h = op("weightsync::futex_wait").typed<bool(const at::Tensor&, std::int64_t, double)>();
-  return h.call(word, expected, timeout_s);
+// The C++ call passes every argument, defaulted ones (spin_s) included: the signature must
+// match the schema exactly, or typed() throws at the call.
+bool futex_wait(const at::Tensor& word, std::int64_t expected, double timeout_s,
+                double spin_s = 0.0) {
+  static auto h = op("weightsync::futex_wait")
+                      .typed<bool(const at::Tensor&, std::int64_t, double, double)>();
+  return h.call(word, expected, timeout_s, spin_s);
 }
 
 std::int64_t futex_wake(const at::Tensor& word, std::int64_t count) {
@@ -320,6 +324,11 @@ void test_futex_ops() {
   EXPECT(!futex_wait(word, 0, 0.05));
   EXPECT(std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(45));
   EXPECT(futex_wait(word, 3, 5.0));
+  // Spinning first changes nothing about the answers: a timeout still times out.
+  const auto spun = std::chrono::steady_clock::now();
+  EXPECT(!futex_wait(word, 0, 0.02, 0.01));
+  EXPECT(std::chrono::steady_clock::now() - spun >= std::chrono::milliseconds(15));
+  EXPECT(futex_wait(word, 3, 5.0, 0.01));
   EXPECT(futex_wake(word, 1) == 0);
   EXPECT(futex_wake(word, std::int64_t{1} << 40) == 0);  // counts above INT32_MAX are clamped
   EXPECT_VALUE_ERROR([&] { futex_wait(at::zeros({1}, at::kLong), 0, 0.0); },
