@@ -110,6 +110,46 @@ def test_batched_copy_non_contiguous_lands_in_strided_places(backend, gen):
     assert torch.equal(base.t(), src[0])
 
 
+def _math_bit_views(gen):
+    """Conjugate and negative views (their bytes are their base's; a flag tells readers to
+    conjugate or negate), with a plain tensor between them."""
+    base = [torch.randn(6, dtype=torch.complex64, generator=gen),
+            torch.randn(5, generator=gen),
+            torch.randn(3, 4, dtype=torch.complex128, generator=gen),
+            torch.randn(4, dtype=torch.complex64, generator=gen)]
+    return [base[0].conj(), base[1]._neg_view(), base[2].t().conj(), base[3],
+            base[0].conj()._neg_view()]
+
+
+def test_batched_copy_of_conj_and_neg_views_gives_what_copy_gives(backend, gen):
+    src = _math_bit_views(gen)
+    views = {"plain": lambda t: t, "conj": lambda t: t.conj(), "neg": lambda t: t._neg_view()}
+    for name, view in views.items():
+        dst = [view(torch.zeros_like(s.resolve_conj().resolve_neg())) for s in src]
+        expected = [view(torch.zeros_like(s.resolve_conj().resolve_neg())) for s in src]
+        for e, s in zip(expected, src):
+            e.copy_(s)
+        ops.batched_copy_(dst, src)
+        for i, (d, e) in enumerate(zip(dst, expected)):
+            assert torch.equal(d, e), f"{name} dst, index {i}"
+            assert torch.equal(d.resolve_conj().resolve_neg(), e.resolve_conj().resolve_neg())
+
+
+def test_pack_unpack_of_conj_and_neg_views_moves_their_values(backend, gen):
+    # pack_ writes the values a view shows; unpack_ makes any destination show them again.
+    src = _math_bit_views(gen)
+    offsets, total = _layout(src, 1, start=1)
+    flat = torch.zeros(total, dtype=torch.uint8)
+    ops.pack_(src, flat, offsets)
+    for t, off in zip(src, offsets):
+        n = t.numel() * t.element_size()
+        assert torch.equal(flat[off:off + n], as_bytes(t.resolve_conj().resolve_neg()))
+    for view in (lambda t: t, lambda t: t.conj(), lambda t: t._neg_view()):
+        dst = [view(torch.zeros_like(s.resolve_conj().resolve_neg())) for s in src]
+        ops.unpack_(flat, dst, offsets)
+        assert all(torch.equal(d, s) for d, s in zip(dst, src))
+
+
 def test_batched_copy_does_not_need_no_grad(backend):
     params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2, 2))]
     src = [torch.arange(4.0), torch.ones(2, 2)]
