@@ -249,6 +249,31 @@ def test_unsupported_device(backend):
     assert torch.equal(flat, torch.zeros(16, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("bad", [None, 3, "w"], ids=["None", "int", "str"])
+def test_a_non_tensor_in_a_list_is_named_by_index(backend, bad):
+    # The native path learns of it from the dispatcher (no index in its message); every
+    # backend must still raise the typed error naming the index, and change nothing.
+    name = type(bad).__name__
+    dst = [torch.zeros(2), torch.zeros(3), torch.zeros(4)]
+    src = [torch.ones(2), torch.ones(3), torch.ones(4)]
+    before = snapshot(dst)
+    with pytest.raises(InvalidArgumentError,
+                       match=rf"batched_copy_: index 1: expected tensors, got {name} and Tensor"):
+        ops.batched_copy_([dst[0], bad, dst[2]], src)
+    with pytest.raises(InvalidArgumentError,
+                       match=rf"batched_copy_: index 2: expected tensors, got Tensor and {name}"):
+        ops.batched_copy_(dst, [src[0], src[1], bad])
+    assert unchanged(dst, before)
+    flat = torch.zeros(64, dtype=torch.uint8)
+    with pytest.raises(InvalidArgumentError, match=rf"pack_: index 1: expected a tensor, got {name}"):
+        ops.pack_([src[0], bad, src[2]], flat, [0, 16, 32])
+    assert not flat.any()
+    flat.fill_(7)
+    with pytest.raises(InvalidArgumentError, match=rf"unpack_: index 2: expected a tensor, got {name}"):
+        ops.unpack_(flat, [dst[0], dst[1], bad], [0, 16, 32])
+    assert unchanged(dst, before)
+
+
 def test_errors_share_one_base(backend):
     with pytest.raises(WeightSyncError):
         ops.batched_copy_([torch.zeros(1)], [torch.zeros(2)])
@@ -259,6 +284,7 @@ def test_backends_give_identical_messages(native, monkeypatch):
         ([torch.zeros(2)], [torch.zeros(2, dtype=torch.int32)]),
         ([torch.zeros(2)], [torch.zeros(3)]),
         ([torch.zeros(2), torch.zeros(1)], [torch.zeros(2)]),
+        ([torch.zeros(2), None], [torch.zeros(2), torch.zeros(1)]),
     ]
     for dst, src in cases:
         messages = []

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from weightsync.engine import CopyPlan
-from weightsync.errors import AliasingError, DTypeMismatchError, ShapeMismatchError
+from weightsync.errors import (
+    AliasingError,
+    DTypeMismatchError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+)
 
 
 def make_pairs(n: int = 5):
@@ -35,6 +40,12 @@ def test_plan_validates_at_construction(backend):
     buf = torch.zeros(4)
     with pytest.raises(AliasingError):
         CopyPlan([buf[:3], buf[2:]], [torch.zeros(3), torch.zeros(2)])
+
+
+def test_plan_names_a_non_tensor_by_index(backend):
+    dst, src = make_pairs(3)
+    with pytest.raises(InvalidArgumentError, match=r"CopyPlan: index 1: expected tensors, got NoneType"):
+        CopyPlan([dst[0], None, dst[2]], src)
 
 
 def test_plan_rebuilds_after_reallocation(backend):
