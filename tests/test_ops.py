@@ -332,6 +332,40 @@ def test_pack_unpack_non_contiguous(backend, gen):
     assert all(torch.equal(d, s) for d, s in zip(dst, src))
 
 
+def test_pack_unpack_round_trip_zero_element_tensors(backend, gen):
+    # Empty tensors take no bytes: at the same offset as a neighbour, at the very end of flat,
+    # as views of another tensor, strided or 0-d neighbours around them, or everything empty.
+    src = [torch.zeros(0), random_tensor((3,), torch.float32, gen), torch.zeros(2, 0, 5),
+           random_tensor((), torch.int64, gen), torch.zeros(0, dtype=torch.complex64),
+           random_tensor((4, 3), torch.float16, gen).t(), torch.zeros(7)[3:3]]
+    offsets = [0, 0, 12, 12, 20, 20, 44]  # the last one sits exactly at the end of flat
+    flat = random_tensor((44,), torch.uint8, gen)
+    ops.pack_(src, flat, offsets)
+    dst = [torch.empty_like(t) for t in src]
+    ops.unpack_(flat, dst, offsets)
+    assert all(same_bytes(d, s) for d, s in zip(dst, src))
+    empty = [torch.zeros(0), torch.zeros(0, 3, dtype=torch.float64)]
+    for flat in (torch.zeros(0, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)):
+        ops.pack_(empty, flat, [flat.numel(), 0])
+        ops.unpack_(flat, empty, [0, flat.numel()])
+        assert not flat.any()
+
+
+def test_pack_unpack_round_trip_large(backend, gen):
+    # Over 64 MB in one tensor (the host copier splits it across threads, and in chunks),
+    # beside small ones and at an offset that is not a multiple of anything.
+    big = torch.randn((64 << 20) // 4 + 5, generator=gen)
+    src = [random_tensor((3,), torch.uint8, gen), big, random_tensor((7,), torch.float64, gen)]
+    offsets, total = _layout(src, 1, start=3)
+    flat = torch.zeros(total + 1, dtype=torch.uint8)
+    ops.pack_(src, flat, offsets)
+    assert torch.equal(flat[offsets[1]:offsets[1] + big.numel() * 4], as_bytes(big))
+    dst = [torch.empty_like(t) for t in src]
+    ops.unpack_(flat, dst, offsets)
+    assert all(same_bytes(d, s) for d, s in zip(dst, src))
+    assert flat[:3].eq(0).all() and flat[-1] == 0
+
+
 def test_pack_out_of_bounds_changes_nothing(backend):
     src = [torch.ones(4), torch.ones(4)]
     flat = torch.zeros(40, dtype=torch.uint8)
@@ -363,10 +397,47 @@ def test_unpack_dst_inside_flat_changes_nothing(backend):
 def test_flat_must_be_contiguous_uint8(backend):
     with pytest.raises(InvalidArgumentError, match=r"flat must be a 1-D contiguous uint8 tensor, got float32"):
         ops.pack_([torch.ones(2)], torch.zeros(16), [0])
-    with pytest.raises(InvalidArgumentError, match=r"negative offset -8"):
-        ops.unpack_(torch.zeros(16, dtype=torch.uint8), [torch.ones(2)], [-8])
     with pytest.raises(LayoutMismatchError, match=r"2 tensors but 1 offsets"):
         ops.pack_([torch.ones(2), torch.ones(2)], torch.zeros(64, dtype=torch.uint8), [0])
+
+
+def _unpack_targets(gen):
+    """Several destinations (dtypes, a strided view) and a flat that holds other bytes."""
+    dst = [random_tensor((4,), torch.float32, gen), random_tensor((3, 5), torch.int16, gen),
+           random_tensor((6, 4), torch.float64, gen).t(), random_tensor((0,), torch.int64, gen),
+           random_tensor((9,), torch.uint8, gen)]
+    offsets, total = _layout(dst, 16)
+    return dst, offsets, random_tensor((total,), torch.uint8, gen)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda o: o.__setitem__(2, o[2] + 1), InvalidArgumentError,
+         r"unpack_: index 2: bytes \[\d+, \d+\) of float64\[4, 6\] on cpu fall outside flat"),
+        (lambda o: o.__setitem__(4, 10_000), InvalidArgumentError,
+         r"unpack_: index 4: bytes \[10000, 10009\) of uint8\[9\] on cpu fall outside flat"),
+        (lambda o: o.__setitem__(1, -8), InvalidArgumentError, r"unpack_: index 1: negative offset -8"),
+        (lambda o: o.pop(), LayoutMismatchError, r"unpack_: 5 tensors but 4 offsets"),
+    ],
+    ids=["out-of-bounds-by-one", "far-out-of-bounds", "negative-offset", "length"],
+)
+def test_unpack_errors_change_no_destination_byte(backend, gen, change, error, message):
+    # The bad entry comes after good ones: a backend that copied pairs as it checked them
+    # would already have written the first destinations.
+    dst, offsets, flat = _unpack_targets(gen)
+    offsets[2] = flat.numel() - 8 * 24  # the strided destination ends flat exactly
+    before, flat_before = snapshot(dst), flat.clone()
+    bad = list(offsets)
+    change(bad)
+    with pytest.raises(error, match=message):
+        ops.unpack_(flat, dst, bad)
+    assert unchanged(dst, before)
+    assert torch.equal(flat, flat_before)
+    # The same call with the offsets unchanged is valid: only the change was refused.
+    ops.unpack_(flat, dst, offsets)
+    for t, off in zip(dst, offsets):
+        assert torch.equal(as_bytes(t), flat[off:off + t.numel() * t.element_size()])
 
 
 def test_pin_memory_rejects_non_contiguous():
