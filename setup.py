@@ -2,8 +2,10 @@
 
 - The CPU part is always built.
 - The CUDA part (csrc/cuda/) is built whenever torch is a CUDA build and nvcc is found,
-  whether or not a GPU is visible. Architectures come from TORCH_CUDA_ARCH_LIST; without it,
-  the visible GPUs' archs, or DEFAULT_CUDA_ARCHS when none is visible.
+  whether or not a GPU is visible. Architectures come from TORCH_CUDA_ARCH_LIST; without it
+  (or with "native"), the visible GPUs' archs, or DEFAULT_CUDA_ARCHS when none is visible.
+  The list is settled here and handed to torch's builder, so the recorded one is the one
+  compiled.
 - WEIGHTSYNC_BUILD_EXT=0 gives a pure-Python install (the torch backend does everything).
 - WEIGHTSYNC_BUILD_CUDA=0 skips the CUDA part even where it could be built.
 
@@ -19,6 +21,7 @@ import glob
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -75,6 +78,41 @@ def _guess_cuda_home() -> None:
             return
 
 
+def _visible_gpu_archs(torch) -> str | None:
+    """The archs of the visible GPUs as TORCH_CUDA_ARCH_LIST spells them ("8.0;9.0+PTX"), or
+    None when no GPU is visible.
+
+    What torch's extension builder picks when the variable is unset: each GPU's compute
+    capability, capped at the newest arch this torch was built for (nvcc is expected to
+    match it), once each, PTX for the newest. Sorted by number, where torch sorts the strings
+    ("10.0" before "9.0"), so the PTX goes to the newest arch on mixed machines too. Asking
+    initialises CUDA in this build process only; importing weightsync never does.
+    """
+    if not torch.cuda.is_available():
+        return None
+    built = [int("".join(re.findall(r"\d+", arch.split("_", 1)[1])))
+             for arch in torch.cuda.get_arch_list() if arch.startswith("sm_")]
+    newest = max((sm // 10, sm % 10) for sm in built) if built else None
+    capabilities = set()
+    for index in range(torch.cuda.device_count()):
+        capability = tuple(torch.cuda.get_device_capability(index))
+        capabilities.add(min(capability, newest) if newest else capability)
+    if not capabilities:
+        return None
+    archs = [f"{major}.{minor}" for major, minor in sorted(capabilities)]
+    archs[-1] += "+PTX"
+    return ";".join(archs)
+
+
+def _cuda_archs(torch) -> str:
+    """The CUDA archs to compile for: TORCH_CUDA_ARCH_LIST, else the visible GPUs', else
+    DEFAULT_CUDA_ARCHS."""
+    requested = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if requested and requested != "native":
+        return requested
+    return _visible_gpu_archs(torch) or DEFAULT_CUDA_ARCHS
+
+
 def _extensions() -> tuple[list, dict, dict]:
     if not _flag("WEIGHTSYNC_BUILD_EXT", True):
         return [], {}, {"extension": False, "reason": "WEIGHTSYNC_BUILD_EXT=0"}
@@ -110,9 +148,8 @@ def _extensions() -> tuple[list, dict, dict]:
 
     archs = None
     if with_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPUs")
+        # torch's builder reads the variable; setting it makes the recorded list the built one.
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_archs(torch)
         sources += [
             os.path.relpath(s, ROOT)
             for s in sorted(
@@ -159,24 +196,30 @@ def _write_build_info(info: dict) -> None:
     (ROOT / "weightsync" / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-ext_modules, cmdclass, build_info = _extensions()
-_write_build_info(build_info)
+def main() -> None:
+    ext_modules, cmdclass, build_info = _extensions()
+    _write_build_info(build_info)
+    setup(
+        name="weightsync",
+        version="0.1.0",
+        description="Fast, consistent weight synchronisation between a trainer and its workers.",
+        packages=find_packages(include=["weightsync", "weightsync.*"]),
+        package_data={"weightsync": ["_build_info.json", "py.typed"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        python_requires=">=3.10",
+        install_requires=["torch>=2.5", "tensordict>=0.9"],
+        extras_require={
+            "test": ["pytest", "pytest-benchmark"],
+            "torchrl": ["torchrl"],
+            "cupy": ["cupy-cuda13x"],
+        },
+        entry_points={"console_scripts": []},
+        zip_safe=False,
+    )
 
-setup(
-    name="weightsync",
-    version="0.1.0",
-    description="Fast, consistent weight synchronisation between a trainer and its workers.",
-    packages=find_packages(include=["weightsync", "weightsync.*"]),
-    package_data={"weightsync": ["_build_info.json", "py.typed"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    python_requires=">=3.10",
-    install_requires=["torch>=2.5", "tensordict>=0.9"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark"],
-        "torchrl": ["torchrl"],
-        "cupy": ["cupy-cuda13x"],
-    },
-    entry_points={"console_scripts": []},
-    zip_safe=False,
-)
+
+# `python setup.py ...` and pip's build backend (setuptools.build_meta) both run this file as
+# __main__; tests import it for its helpers without building or writing anything.
+if __name__ == "__main__":
+    main()

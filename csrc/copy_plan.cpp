@@ -30,6 +30,8 @@ CopyPlan::Fingerprint CopyPlan::fingerprint(const c10::TensorImpl& impl) {
                 impl.dim(),
                 impl.dtype(),
                 impl.is_contiguous(),
+                impl.is_conj(),
+                impl.is_neg(),
                 {},
                 0};
   const c10::IntArrayRef sizes = impl.sizes();

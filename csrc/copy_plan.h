@@ -1,9 +1,9 @@
 // A validated (dst, src) pair list that runs many times.
 //
 // Built once: validation, byte counts and, for host-only lists, the span list for the copier.
-// run() first checks that no tensor moved or changed shape (storage, offset, sizes and dtype
-// per tensor, a few ns each) and rebuilds when one did: a model reallocated by .to() or
-// load_state_dict(assign=True) is noticed, and one whose shapes changed raises the usual
+// run() first checks that no tensor moved or changed shape (storage, offset, sizes, dtype and
+// math bits per tensor, a few ns each) and rebuilds when one did: a model reallocated by .to()
+// or load_state_dict(assign=True) is noticed, and one whose shapes changed raises the usual
 // validation error.
 #pragma once
 
@@ -48,9 +48,10 @@ class CopyPlan : public torch::CustomClassHolder {
   // is_valid() with the copier options of this call (run() reads them once for both uses).
   bool fingerprints_match(const core::CopyOptions& opts) const;
   // What a reallocation or a new view changes: `param.data = x` and resize_ swap the storage
-  // or its allocation under the same TensorImpl, and `param.data = param.view(...)` changes
-  // its sizes. Read through the impl without the checks of data_ptr() (which also materialises
-  // copy-on-write storage): this runs every sync. Every field sits on the impl's own cache
+  // or its allocation under the same TensorImpl, `param.data = param.view(...)` changes its
+  // sizes, and `param.data = param.conj()` (or _neg_view()) only its math bits, which decide
+  // between a byte span and copy_ (engine.h). Read through the impl without the checks of
+  // data_ptr() (which also materialises copy-on-write storage): this runs every sync. Every field sits on the impl's own cache
   // lines (sizes up to 5 dimensions are stored inline), which the check prefetches anyway.
   // So a changed tensor is always seen, and the rebuild's validation names what differs
   // (its shape or dtype) or accepts the new storage.
@@ -62,6 +63,10 @@ class CopyPlan : public torch::CustomClassHolder {
     std::int64_t dim;
     caffe2::TypeMeta dtype;
     bool contiguous;
+    // The Conjugate and Negative bits of the dispatch key set, which sits beside the dtype;
+    // these two bools fill padding before `sizes`, so the fingerprint did not grow.
+    bool conj;
+    bool neg;
     std::array<std::int64_t, kInlineDims> sizes;  // the leading sizes, zero-padded
     std::uint64_t more_sizes;                     // a mix of any sizes beyond those, else 0
     bool operator==(const Fingerprint&) const = default;

@@ -134,6 +134,15 @@ void check_pack_lists(const char* op, at::TensorList tensors, const at::Tensor& 
   }
 }
 
+at::Tensor materialize(const at::Tensor& t) {
+  // contiguous() alone keeps the bits (a conj view of a contiguous tensor is contiguous);
+  // copy_ into a plain tensor applies them.
+  if (t.is_contiguous() && !has_math_bits(t)) return t;
+  at::Tensor out = at::empty(t.sizes(), t.options());
+  out.copy_(t);
+  return out;
+}
+
 core::CopyOptions host_copy_options() {
   core::CopyOptions options = core::default_copy_options();
   options.max_threads = std::max(1, std::min(options.max_threads, at::get_num_threads()));
@@ -147,7 +156,7 @@ std::vector<core::CopySpan> host_spans(at::TensorList dst, at::TensorList src,
   for (std::size_t i = 0; i < dst.size(); ++i) {
     const std::size_t n = nbytes_of(dst[i]);
     if (n == 0) continue;
-    if (dst[i].is_contiguous() && src[i].is_contiguous()) {
+    if (dst[i].is_contiguous() && src[i].is_contiguous() && same_math_bits(dst[i], src[i])) {
       spans.push_back({src[i].data_ptr(), dst[i].data_ptr(), n});
     } else {
       rest->push_back(i);
@@ -164,7 +173,7 @@ std::vector<core::CopySpan> flat_spans(at::TensorList tensors, std::uint8_t* fla
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     const std::size_t n = nbytes_of(tensors[i]);
     if (n == 0) continue;
-    if (!tensors[i].is_contiguous()) {
+    if (!tensors[i].is_contiguous() || has_math_bits(tensors[i])) {
       rest->push_back(i);
       continue;
     }
@@ -196,7 +205,7 @@ void pack_host(at::TensorList src, const at::Tensor& flat, at::IntArrayRef offse
   for (std::size_t i : rest) {
     // A contiguous temporary keeps any offset valid (a typed view of flat would need the
     // offset aligned to the element size).
-    const at::Tensor tmp = src[i].contiguous();
+    const at::Tensor tmp = materialize(src[i]);
     std::memcpy(base + offsets[i], tmp.data_ptr(), nbytes_of(tmp));
   }
 }
@@ -207,6 +216,8 @@ void unpack_host(const at::Tensor& flat, at::TensorList dst, at::IntArrayRef off
   const auto spans = flat_spans(dst, base, offsets, /*into_flat=*/false, &rest);
   core::copy_spans(spans, host_copy_options());
   for (std::size_t i : rest) {
+    // Plain values in a temporary; copy_ then lays them out (strides) and applies the
+    // destination's math bits.
     at::Tensor tmp = at::empty(dst[i].sizes(), dst[i].options());
     std::memcpy(tmp.data_ptr(), base + offsets[i], nbytes_of(tmp));
     at::Tensor d = dst[i];

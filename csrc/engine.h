@@ -46,6 +46,20 @@ void check_pack_lists(const char* op, at::TensorList tensors, const at::Tensor& 
 // that competes with its neighbours.
 core::CopyOptions host_copy_options();
 
+// The lazy math bits of a view: x.conj() on a complex tensor and x._neg_view() share x's
+// bytes and only set a flag (the Conjugate / Negative dispatch keys) that readers apply. The
+// ops take such tensors as they are (csrc/math_bits.cpp), so the kernels must honour them:
+// - a pair whose two sides carry the same bits is a plain byte move (copy_ moves the stored
+//   bytes then too), one whose bits differ goes through at::Tensor::copy_, which applies them;
+// - pack_ writes, and unpack_ reads, the bytes of a tensor's values as its readers see them
+//   (what x.resolve_conj().resolve_neg() holds), whatever its bits.
+inline bool has_math_bits(const at::Tensor& t) { return t.is_conj() || t.is_neg(); }
+inline bool same_math_bits(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_conj() == b.is_conj() && a.is_neg() == b.is_neg();
+}
+// The values of t in a new contiguous tensor without math bits.
+at::Tensor materialize(const at::Tensor& t);
+
 // Host-only execution (all tensors on the CPU), after validation. Contiguous pairs become one
 // span list for core::copy_spans; non-contiguous ones go through at::Tensor::copy_, which
 // puts the bytes in the right strided places.
@@ -53,12 +67,13 @@ void copy_pairs_host(at::TensorList dst, at::TensorList src);
 void pack_host(at::TensorList src, const at::Tensor& flat, at::IntArrayRef offsets);
 void unpack_host(const at::Tensor& flat, at::TensorList dst, at::IntArrayRef offsets);
 
-// Spans for host-resident contiguous pairs; the indices of the other pairs go to `rest`.
+// Spans for host-resident contiguous pairs with the same math bits on both sides; the indices
+// of the other pairs go to `rest`.
 std::vector<core::CopySpan> host_spans(at::TensorList dst, at::TensorList src,
                                        std::vector<std::size_t>* rest);
 
-// The spans that pack/unpack (flat on the host) move for contiguous tensors; the indices of
-// non-contiguous tensors go to `rest`.
+// The spans that pack/unpack (flat on the host) move for contiguous tensors without math
+// bits; the indices of the other tensors go to `rest`.
 std::vector<core::CopySpan> flat_spans(at::TensorList tensors, std::uint8_t* flat,
                                        at::IntArrayRef offsets, bool into_flat,
                                        std::vector<std::size_t>* rest);

@@ -110,6 +110,46 @@ def test_batched_copy_non_contiguous_lands_in_strided_places(backend, gen):
     assert torch.equal(base.t(), src[0])
 
 
+def _math_bit_views(gen):
+    """Conjugate and negative views (their bytes are their base's; a flag tells readers to
+    conjugate or negate), with a plain tensor between them."""
+    base = [torch.randn(6, dtype=torch.complex64, generator=gen),
+            torch.randn(5, generator=gen),
+            torch.randn(3, 4, dtype=torch.complex128, generator=gen),
+            torch.randn(4, dtype=torch.complex64, generator=gen)]
+    return [base[0].conj(), base[1]._neg_view(), base[2].t().conj(), base[3],
+            base[0].conj()._neg_view()]
+
+
+def test_batched_copy_of_conj_and_neg_views_gives_what_copy_gives(backend, gen):
+    src = _math_bit_views(gen)
+    views = {"plain": lambda t: t, "conj": lambda t: t.conj(), "neg": lambda t: t._neg_view()}
+    for name, view in views.items():
+        dst = [view(torch.zeros_like(s.resolve_conj().resolve_neg())) for s in src]
+        expected = [view(torch.zeros_like(s.resolve_conj().resolve_neg())) for s in src]
+        for e, s in zip(expected, src):
+            e.copy_(s)
+        ops.batched_copy_(dst, src)
+        for i, (d, e) in enumerate(zip(dst, expected)):
+            assert torch.equal(d, e), f"{name} dst, index {i}"
+            assert torch.equal(d.resolve_conj().resolve_neg(), e.resolve_conj().resolve_neg())
+
+
+def test_pack_unpack_of_conj_and_neg_views_moves_their_values(backend, gen):
+    # pack_ writes the values a view shows; unpack_ makes any destination show them again.
+    src = _math_bit_views(gen)
+    offsets, total = _layout(src, 1, start=1)
+    flat = torch.zeros(total, dtype=torch.uint8)
+    ops.pack_(src, flat, offsets)
+    for t, off in zip(src, offsets):
+        n = t.numel() * t.element_size()
+        assert torch.equal(flat[off:off + n], as_bytes(t.resolve_conj().resolve_neg()))
+    for view in (lambda t: t, lambda t: t.conj(), lambda t: t._neg_view()):
+        dst = [view(torch.zeros_like(s.resolve_conj().resolve_neg())) for s in src]
+        ops.unpack_(flat, dst, offsets)
+        assert all(torch.equal(d, s) for d, s in zip(dst, src))
+
+
 def test_batched_copy_does_not_need_no_grad(backend):
     params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2, 2))]
     src = [torch.arange(4.0), torch.ones(2, 2)]
@@ -209,6 +249,31 @@ def test_unsupported_device(backend):
     assert torch.equal(flat, torch.zeros(16, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("bad", [None, 3, "w"], ids=["None", "int", "str"])
+def test_a_non_tensor_in_a_list_is_named_by_index(backend, bad):
+    # The native path learns of it from the dispatcher (no index in its message); every
+    # backend must still raise the typed error naming the index, and change nothing.
+    name = type(bad).__name__
+    dst = [torch.zeros(2), torch.zeros(3), torch.zeros(4)]
+    src = [torch.ones(2), torch.ones(3), torch.ones(4)]
+    before = snapshot(dst)
+    with pytest.raises(InvalidArgumentError,
+                       match=rf"batched_copy_: index 1: expected tensors, got {name} and Tensor"):
+        ops.batched_copy_([dst[0], bad, dst[2]], src)
+    with pytest.raises(InvalidArgumentError,
+                       match=rf"batched_copy_: index 2: expected tensors, got Tensor and {name}"):
+        ops.batched_copy_(dst, [src[0], src[1], bad])
+    assert unchanged(dst, before)
+    flat = torch.zeros(64, dtype=torch.uint8)
+    with pytest.raises(InvalidArgumentError, match=rf"pack_: index 1: expected a tensor, got {name}"):
+        ops.pack_([src[0], bad, src[2]], flat, [0, 16, 32])
+    assert not flat.any()
+    flat.fill_(7)
+    with pytest.raises(InvalidArgumentError, match=rf"unpack_: index 2: expected a tensor, got {name}"):
+        ops.unpack_(flat, [dst[0], dst[1], bad], [0, 16, 32])
+    assert unchanged(dst, before)
+
+
 def test_errors_share_one_base(backend):
     with pytest.raises(WeightSyncError):
         ops.batched_copy_([torch.zeros(1)], [torch.zeros(2)])
@@ -219,6 +284,7 @@ def test_backends_give_identical_messages(native, monkeypatch):
         ([torch.zeros(2)], [torch.zeros(2, dtype=torch.int32)]),
         ([torch.zeros(2)], [torch.zeros(3)]),
         ([torch.zeros(2), torch.zeros(1)], [torch.zeros(2)]),
+        ([torch.zeros(2), None], [torch.zeros(2), torch.zeros(1)]),
     ]
     for dst, src in cases:
         messages = []
@@ -266,6 +332,40 @@ def test_pack_unpack_non_contiguous(backend, gen):
     assert all(torch.equal(d, s) for d, s in zip(dst, src))
 
 
+def test_pack_unpack_round_trip_zero_element_tensors(backend, gen):
+    # Empty tensors take no bytes: at the same offset as a neighbour, at the very end of flat,
+    # as views of another tensor, strided or 0-d neighbours around them, or everything empty.
+    src = [torch.zeros(0), random_tensor((3,), torch.float32, gen), torch.zeros(2, 0, 5),
+           random_tensor((), torch.int64, gen), torch.zeros(0, dtype=torch.complex64),
+           random_tensor((4, 3), torch.float16, gen).t(), torch.zeros(7)[3:3]]
+    offsets = [0, 0, 12, 12, 20, 20, 44]  # the last one sits exactly at the end of flat
+    flat = random_tensor((44,), torch.uint8, gen)
+    ops.pack_(src, flat, offsets)
+    dst = [torch.empty_like(t) for t in src]
+    ops.unpack_(flat, dst, offsets)
+    assert all(same_bytes(d, s) for d, s in zip(dst, src))
+    empty = [torch.zeros(0), torch.zeros(0, 3, dtype=torch.float64)]
+    for flat in (torch.zeros(0, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)):
+        ops.pack_(empty, flat, [flat.numel(), 0])
+        ops.unpack_(flat, empty, [0, flat.numel()])
+        assert not flat.any()
+
+
+def test_pack_unpack_round_trip_large(backend, gen):
+    # Over 64 MB in one tensor (the host copier splits it across threads, and in chunks),
+    # beside small ones and at an offset that is not a multiple of anything.
+    big = torch.randn((64 << 20) // 4 + 5, generator=gen)
+    src = [random_tensor((3,), torch.uint8, gen), big, random_tensor((7,), torch.float64, gen)]
+    offsets, total = _layout(src, 1, start=3)
+    flat = torch.zeros(total + 1, dtype=torch.uint8)
+    ops.pack_(src, flat, offsets)
+    assert torch.equal(flat[offsets[1]:offsets[1] + big.numel() * 4], as_bytes(big))
+    dst = [torch.empty_like(t) for t in src]
+    ops.unpack_(flat, dst, offsets)
+    assert all(same_bytes(d, s) for d, s in zip(dst, src))
+    assert flat[:3].eq(0).all() and flat[-1] == 0
+
+
 def test_pack_out_of_bounds_changes_nothing(backend):
     src = [torch.ones(4), torch.ones(4)]
     flat = torch.zeros(40, dtype=torch.uint8)
@@ -297,10 +397,47 @@ def test_unpack_dst_inside_flat_changes_nothing(backend):
 def test_flat_must_be_contiguous_uint8(backend):
     with pytest.raises(InvalidArgumentError, match=r"flat must be a 1-D contiguous uint8 tensor, got float32"):
         ops.pack_([torch.ones(2)], torch.zeros(16), [0])
-    with pytest.raises(InvalidArgumentError, match=r"negative offset -8"):
-        ops.unpack_(torch.zeros(16, dtype=torch.uint8), [torch.ones(2)], [-8])
     with pytest.raises(LayoutMismatchError, match=r"2 tensors but 1 offsets"):
         ops.pack_([torch.ones(2), torch.ones(2)], torch.zeros(64, dtype=torch.uint8), [0])
+
+
+def _unpack_targets(gen):
+    """Several destinations (dtypes, a strided view) and a flat that holds other bytes."""
+    dst = [random_tensor((4,), torch.float32, gen), random_tensor((3, 5), torch.int16, gen),
+           random_tensor((6, 4), torch.float64, gen).t(), random_tensor((0,), torch.int64, gen),
+           random_tensor((9,), torch.uint8, gen)]
+    offsets, total = _layout(dst, 16)
+    return dst, offsets, random_tensor((total,), torch.uint8, gen)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda o: o.__setitem__(2, o[2] + 1), InvalidArgumentError,
+         r"unpack_: index 2: bytes \[\d+, \d+\) of float64\[4, 6\] on cpu fall outside flat"),
+        (lambda o: o.__setitem__(4, 10_000), InvalidArgumentError,
+         r"unpack_: index 4: bytes \[10000, 10009\) of uint8\[9\] on cpu fall outside flat"),
+        (lambda o: o.__setitem__(1, -8), InvalidArgumentError, r"unpack_: index 1: negative offset -8"),
+        (lambda o: o.pop(), LayoutMismatchError, r"unpack_: 5 tensors but 4 offsets"),
+    ],
+    ids=["out-of-bounds-by-one", "far-out-of-bounds", "negative-offset", "length"],
+)
+def test_unpack_errors_change_no_destination_byte(backend, gen, change, error, message):
+    # The bad entry comes after good ones: a backend that copied pairs as it checked them
+    # would already have written the first destinations.
+    dst, offsets, flat = _unpack_targets(gen)
+    offsets[2] = flat.numel() - 8 * 24  # the strided destination ends flat exactly
+    before, flat_before = snapshot(dst), flat.clone()
+    bad = list(offsets)
+    change(bad)
+    with pytest.raises(error, match=message):
+        ops.unpack_(flat, dst, bad)
+    assert unchanged(dst, before)
+    assert torch.equal(flat, flat_before)
+    # The same call with the offsets unchanged is valid: only the change was refused.
+    ops.unpack_(flat, dst, offsets)
+    for t, off in zip(dst, offsets):
+        assert torch.equal(as_bytes(t), flat[off:off + t.numel() * t.element_size()])
 
 
 def test_pin_memory_rejects_non_contiguous():

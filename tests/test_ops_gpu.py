@@ -117,6 +117,32 @@ def test_pack_unpack_across_devices(backend, gen, flat_device, tensor_device):
     assert all(torch.equal(d.cpu(), s.cpu()) for d, s in zip(dst, src))
 
 
+@pytest.mark.parametrize("direction", ["d2d", "h2d", "d2h"])
+def test_conj_and_neg_views_give_what_copy_gives(backend, direction):
+    # The CUDA kernel moves bytes; views whose stored bytes are not their values must take
+    # copy_ (batched_copy_, plans) or be materialised (pack_ / unpack_).
+    src_dev, dst_dev = {"d2d": ("cuda", "cuda"), "h2d": ("cpu", "cuda"), "d2h": ("cuda", "cpu")}[direction]
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(n, dtype=torch.complex64, generator=g).to(src_dev) for n in (5, 70_000)]
+    src = [base[0].conj(), base[1]._neg_view(), base[1].conj()]
+    for view in (lambda t: t, lambda t: t.conj(), lambda t: t._neg_view()):
+        for run in ("ops", "plan"):
+            dst = [view(torch.zeros(s.shape, dtype=s.dtype, device=dst_dev)) for s in src]
+            if run == "ops":
+                ops.batched_copy_(dst, src)
+            else:
+                CopyPlan(dst, src).run()
+            torch.cuda.synchronize()
+            assert all(torch.equal(d.cpu(), s.cpu()) for d, s in zip(dst, src))
+    offsets = [0, 256, 256 + 70_000 * 8 + 64]
+    flat = torch.zeros(offsets[-1] + 70_000 * 8, dtype=torch.uint8, device=dst_dev)
+    ops.pack_(src, flat, offsets)
+    dst = [torch.zeros(s.shape, dtype=s.dtype, device=src_dev).conj() for s in src]
+    ops.unpack_(flat, dst, offsets)
+    torch.cuda.synchronize()
+    assert all(torch.equal(d.cpu(), s.cpu()) for d, s in zip(dst, src))
+
+
 def test_plan_on_gpu(backend, gen):
     dst, src = _lists(gen, "cpu", "cuda")
     plan = CopyPlan(dst, src)

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from weightsync.engine import CopyPlan
-from weightsync.errors import AliasingError, DTypeMismatchError, ShapeMismatchError
+from weightsync.errors import (
+    AliasingError,
+    DTypeMismatchError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+)
 
 
 def make_pairs(n: int = 5):
@@ -35,6 +40,12 @@ def test_plan_validates_at_construction(backend):
     buf = torch.zeros(4)
     with pytest.raises(AliasingError):
         CopyPlan([buf[:3], buf[2:]], [torch.zeros(3), torch.zeros(2)])
+
+
+def test_plan_names_a_non_tensor_by_index(backend):
+    dst, src = make_pairs(3)
+    with pytest.raises(InvalidArgumentError, match=r"CopyPlan: index 1: expected tensors, got NoneType"):
+        CopyPlan([dst[0], None, dst[2]], src)
 
 
 def test_plan_rebuilds_after_reallocation(backend):
@@ -170,3 +181,66 @@ def test_a_plan_may_raise_its_threading_threshold(backend):
         plan.prepare()
         plan.run()
         assert all(torch.equal(d, s) for d, s in zip(dst, src))
+
+
+# Conjugate and negative views share their base's bytes and only carry a flag that readers
+# apply: a plan must give what copy_ gives, not move the stored bytes.
+def _values(n: int, seed: int, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
+    return torch.randn(n, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+MATH_BIT_PAIRS = {
+    "src-conj": (lambda t: t, lambda t: t.conj()),
+    "src-neg": (lambda t: t, lambda t: t._neg_view()),
+    "dst-conj": (lambda t: t.conj(), lambda t: t),
+    "dst-neg": (lambda t: t._neg_view(), lambda t: t),
+    "both-conj": (lambda t: t.conj(), lambda t: t.conj()),
+    "conj-to-neg": (lambda t: t._neg_view(), lambda t: t.conj()),
+    "conj-neg-src": (lambda t: t, lambda t: t.conj()._neg_view()),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float32], ids=["complex", "real"])
+@pytest.mark.parametrize("case", list(MATH_BIT_PAIRS))
+def test_plan_gives_what_copy_gives_for_conj_and_neg_views(backend, case, dtype):
+    as_dst, as_src = MATH_BIT_PAIRS[case]
+    src_base = [_values(n, n, dtype) for n in (5, 300, 7)]
+    src = [src_base[0], as_src(src_base[1]), src_base[2]]  # plain pairs on both sides
+    dst = [torch.zeros(5, dtype=dtype), as_dst(torch.zeros(300, dtype=dtype)),
+           torch.zeros(7, dtype=dtype)]
+    expected = [torch.zeros(5, dtype=dtype), as_dst(torch.zeros(300, dtype=dtype)),
+                torch.zeros(7, dtype=dtype)]
+    for e, s in zip(expected, src):
+        e.copy_(s)
+    plan = CopyPlan(dst, src)
+    for step in range(2):
+        src_base[1].add_(step)  # values change in place between runs
+        for e, s in zip(expected, src):
+            e.copy_(s)
+        plan.run()
+        for d, e in zip(dst, expected):
+            assert d.is_conj() == e.is_conj() and d.is_neg() == e.is_neg()
+            assert torch.equal(d, e)
+            # The stored bytes too, not only the values they show.
+            assert torch.equal(d.resolve_conj().resolve_neg(), e.resolve_conj().resolve_neg())
+    assert plan.rebuilds == 0
+
+
+@pytest.mark.parametrize("side", ["dst", "src"])
+@pytest.mark.parametrize("bit", ["conj", "neg"])
+def test_plan_notices_a_math_bit_set_on_the_same_storage(backend, side, bit):
+    # `t.data = t.data.conj()` keeps the storage, offset, sizes and dtype: only the bit tells
+    # the plan that a byte move no longer gives the right values.
+    dst = [torch.zeros(6, dtype=torch.complex64), torch.zeros(3, dtype=torch.complex64)]
+    src = [_values(6, 1), _values(3, 2)]
+    plan = CopyPlan(dst, src)
+    plan.run()
+    changed = (dst if side == "dst" else src)[0]
+    changed.data = changed.data.conj() if bit == "conj" else changed.data._neg_view()
+    if backend == "native":  # the Python plans cache nothing that depends on the bits
+        assert not plan.is_valid()
+    plan.run()
+    assert torch.equal(dst[0], src[0]) and torch.equal(dst[1], src[1])
+    assert plan.is_valid()
+    if backend == "native":
+        assert plan.rebuilds == 1

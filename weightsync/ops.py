@@ -5,7 +5,10 @@ and raises the typed errors of :mod:`weightsync.errors`. The backend (native, cu
 is picked per call from the devices involved; see :func:`weightsync.backend_info`.
 
 Non-contiguous tensors are supported: their bytes land in the right strided places (they
-take a slower per-tensor path; contiguous ones move in one call or one launch).
+take a slower per-tensor path; contiguous ones move in one call or one launch). So are
+conjugate and negative views (``x.conj()``, ``x._neg_view()``, whose stored bytes are not their
+values): every op gives what ``copy_`` gives, pairs whose views differ taking the per-tensor
+path.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ def pack_(src: Sequence[torch.Tensor], flat: torch.Tensor, offsets: Sequence[int
     ``flat`` is a 1-D contiguous uint8 tensor (an arena). Any dtype; offsets need no alignment
     (256-byte aligned ones are fastest). Errors as :func:`batched_copy_`, plus
     InvalidArgumentError for a bad ``flat`` or an offset out of bounds.
+
+    The bytes written are those of the values the tensor shows, in row-major order: a
+    conjugate or negative view (``x.conj()``, ``x._neg_view()``) is packed as
+    ``x.conj().resolve_conj()`` would be, not as the stored bytes it shares with ``x``.
     """
     if _traced_natively():
         torch.ops.weightsync.pack_(src, flat, offsets, non_blocking)
@@ -68,7 +75,11 @@ def pack_(src: Sequence[torch.Tensor], flat: torch.Tensor, offsets: Sequence[int
 
 def unpack_(flat: torch.Tensor, dst: Sequence[torch.Tensor], offsets: Sequence[int],
             non_blocking: bool = False) -> None:
-    """Inverse of :func:`pack_`: fill ``dst[i]`` from ``flat[offsets[i]:]``."""
+    """Inverse of :func:`pack_`: fill ``dst[i]`` from ``flat[offsets[i]:]``.
+
+    Each ``dst[i]`` then shows the packed values, as after ``dst[i].copy_(values)``: a
+    conjugate or negative view stores their conjugate or negation.
+    """
     if _traced_natively():
         torch.ops.weightsync.unpack_(flat, dst, offsets, non_blocking)
         return

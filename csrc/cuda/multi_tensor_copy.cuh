@@ -5,13 +5,22 @@
 // Every entry is cut into chunks of kChunkBytes; block b of the grid copies chunks b,
 // b + gridDim.x, ... and finds the entry of a chunk by binary search over the exclusive
 // prefix sums of chunk counts. One launch therefore covers any number of tensors of any sizes.
+//
+// Everything but the kernel also compiles as plain C++ (a host compiler, no CUDA toolkit):
+// the table, the entry search and one thread's share of a chunk copy then run on the CPU,
+// which is how csrc/tests/test_gpu_host.cpp tests them. Under nvcc the code is unchanged.
 #pragma once
-
-#include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <vector>
+
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+#define WEIGHTSYNC_HOST_DEVICE __host__ __device__
+#else
+#define WEIGHTSYNC_HOST_DEVICE
+#endif
 
 // `#pragma unroll` only means something to the device compiler; the host pass of these
 // __host__ __device__ functions would warn about it.
@@ -22,6 +31,22 @@
 #endif
 
 namespace weightsync::gpu {
+
+// The 16- and 8-byte words of the widest copies: CUDA's vector types, or same-sized
+// stand-ins for a host compiler.
+#if defined(__CUDACC__)
+using Word16 = uint4;
+using Word8 = uint2;
+#else
+struct alignas(16) Word16 {
+  std::uint32_t x, y, z, w;
+};
+struct alignas(8) Word8 {
+  std::uint32_t x, y;
+};
+#endif
+static_assert(sizeof(Word16) == 16 && alignof(Word16) == 16, "16-byte copy word");
+static_assert(sizeof(Word8) == 8 && alignof(Word8) == 8, "8-byte copy word");
 
 // 256 threads x 16 bytes = 4 KiB per block-wide step: the smallest common weight tensors
 // (biases, layer norms) take one step, and 8 blocks of this size fill an SM's threads.
@@ -57,7 +82,7 @@ struct TableRef {
   const CopyEntry* entries;
   std::uint64_t total_chunks;
   std::uint32_t count;
-  __host__ __device__ const CopyEntry* data() const { return entries; }
+  WEIGHTSYNC_HOST_DEVICE const CopyEntry* data() const { return entries; }
 };
 
 // A table small enough to be the kernel parameter.
@@ -65,7 +90,7 @@ struct InlineTable {
   CopyEntry entries[kInlineEntries];
   std::uint64_t total_chunks;
   std::uint32_t count;
-  __host__ __device__ const CopyEntry* data() const { return entries; }
+  WEIGHTSYNC_HOST_DEVICE const CopyEntry* data() const { return entries; }
 };
 static_assert(sizeof(InlineTable) <= 4096, "kernel parameters must stay within 4 KiB");
 
@@ -96,8 +121,8 @@ inline unsigned grid_size(std::uint64_t total_chunks) {
 }
 
 // Index of the entry owning `chunk`: the last entry whose first_chunk <= chunk.
-__host__ __device__ inline std::uint32_t find_entry(const CopyEntry* entries, std::uint32_t count,
-                                                    std::uint64_t chunk) {
+WEIGHTSYNC_HOST_DEVICE inline std::uint32_t find_entry(const CopyEntry* entries,
+                                                       std::uint32_t count, std::uint64_t chunk) {
   std::uint32_t lo = 0;
   std::uint32_t hi = count - 1;
   while (lo < hi) {
@@ -114,9 +139,9 @@ __host__ __device__ inline std::uint32_t find_entry(const CopyEntry* entries, st
 // Copies `len` bytes with words of type T; src and dst must be congruent modulo sizeof(T).
 // Bytes before the first aligned word and after the last one go one by one.
 template <typename T>
-__host__ __device__ inline void copy_words(const std::uint8_t* __restrict__ src,
-                                           std::uint8_t* __restrict__ dst, std::size_t len,
-                                           unsigned tid, unsigned nthreads) {
+WEIGHTSYNC_HOST_DEVICE inline void copy_words(const std::uint8_t* __restrict__ src,
+                                              std::uint8_t* __restrict__ dst, std::size_t len,
+                                              unsigned tid, unsigned nthreads) {
   constexpr std::size_t kMask = sizeof(T) - 1;
   std::size_t head = (sizeof(T) - (reinterpret_cast<std::uintptr_t>(src) & kMask)) & kMask;
   if (head > len) head = len;
@@ -138,30 +163,45 @@ WEIGHTSYNC_UNROLL
   for (std::size_t i = head + words * sizeof(T) + tid; i < len; i += nthreads) dst[i] = src[i];
 }
 
-// Picks the widest word both ends can share. Chunk starts are multiples of kChunkBytes into
+// The widest word both ends can share: 16, 8, 4, 2 or 1 bytes, the largest power of two up to
+// 16 that src and dst are congruent modulo. Chunk starts are multiples of kChunkBytes into
 // their entry, so a chunk's alignment is its tensor's; torch allocations are 512-byte aligned
 // and the staging layouts (staging.h) mirror the other end's alignment, so almost every chunk
 // takes the 16-byte path. Views at odd offsets still copy correctly, only narrower.
-__host__ __device__ inline void copy_range(const std::uint8_t* src, std::uint8_t* dst,
-                                           std::size_t len, unsigned tid, unsigned nthreads) {
+WEIGHTSYNC_HOST_DEVICE inline unsigned word_bytes(const void* src, const void* dst) {
   const std::uintptr_t skew =
       reinterpret_cast<std::uintptr_t>(src) ^ reinterpret_cast<std::uintptr_t>(dst);
-  if ((skew & 15) == 0) {
-    copy_words<uint4>(src, dst, len, tid, nthreads);
-  } else if ((skew & 7) == 0) {
-    copy_words<uint2>(src, dst, len, tid, nthreads);
-  } else if ((skew & 3) == 0) {
-    copy_words<std::uint32_t>(src, dst, len, tid, nthreads);
-  } else if ((skew & 1) == 0) {
-    copy_words<std::uint16_t>(src, dst, len, tid, nthreads);
-  } else {
-    copy_words<std::uint8_t>(src, dst, len, tid, nthreads);
+  if ((skew & 15) == 0) return 16;
+  if ((skew & 7) == 0) return 8;
+  if ((skew & 3) == 0) return 4;
+  if ((skew & 1) == 0) return 2;
+  return 1;
+}
+
+WEIGHTSYNC_HOST_DEVICE inline void copy_range(const std::uint8_t* src, std::uint8_t* dst,
+                                              std::size_t len, unsigned tid, unsigned nthreads) {
+  switch (word_bytes(src, dst)) {
+    case 16:
+      copy_words<Word16>(src, dst, len, tid, nthreads);
+      break;
+    case 8:
+      copy_words<Word8>(src, dst, len, tid, nthreads);
+      break;
+    case 4:
+      copy_words<std::uint32_t>(src, dst, len, tid, nthreads);
+      break;
+    case 2:
+      copy_words<std::uint16_t>(src, dst, len, tid, nthreads);
+      break;
+    default:
+      copy_words<std::uint8_t>(src, dst, len, tid, nthreads);
   }
 }
 
 // The share of thread `tid` (of `nthreads`) in copying chunk `chunk` of the table.
-__host__ __device__ inline void copy_chunk(const CopyEntry* entries, std::uint32_t count,
-                                           std::uint64_t chunk, unsigned tid, unsigned nthreads) {
+WEIGHTSYNC_HOST_DEVICE inline void copy_chunk(const CopyEntry* entries, std::uint32_t count,
+                                              std::uint64_t chunk, unsigned tid,
+                                              unsigned nthreads) {
   const CopyEntry& e = entries[find_entry(entries, count, chunk)];
   const std::uint64_t offset = (chunk - e.first_chunk) * kChunkBytes;
   const std::uint64_t rest = e.nbytes - offset;
@@ -169,6 +209,7 @@ __host__ __device__ inline void copy_chunk(const CopyEntry* entries, std::uint32
   copy_range(e.src + offset, e.dst + offset, len, tid, nthreads);
 }
 
+#if defined(__CUDACC__)
 // __grid_constant__ lets every thread index the table in parameter space without a private
 // copy, for both the inline table and the device-memory reference.
 template <typename Table>
@@ -179,5 +220,6 @@ __global__ void __launch_bounds__(kThreads)
     copy_chunk(entries, table.count, chunk, threadIdx.x, blockDim.x);
   }
 }
+#endif  // __CUDACC__
 
 }  // namespace weightsync::gpu

@@ -5,7 +5,8 @@
 // validates (engine.h), then splits its contiguous byte moves into a Plan: per CUDA device one
 // DeviceWork, plus a PeerStaging per device pair without peer access. Plan::prepare allocates
 // every buffer before Plan::run moves the first byte, so a call that fails on allocation
-// changes nothing. Non-contiguous tensors go last through at::Tensor::copy_, as on the host.
+// changes nothing. Non-contiguous tensors, and pairs whose math bits differ (engine.h), go
+// last through at::Tensor::copy_, as on the host.
 //
 // One launch per device: a device's same-device copies, its copies to peers it can access,
 // the scatter of its staged host->device bytes and the gather of its device->host bytes are
@@ -558,7 +559,7 @@ void batched_copy_cuda(at::TensorList dst, at::TensorList src, bool non_blocking
     const at::Tensor& s = src[i];
     const std::size_t n = nbytes_of(d);
     if (n == 0) continue;
-    if (!d.is_contiguous() || !s.is_contiguous()) {
+    if (!d.is_contiguous() || !s.is_contiguous() || !same_math_bits(d, s)) {
       strided.push_back(i);
       continue;
     }
@@ -580,17 +581,17 @@ void pack_cuda(at::TensorList src, const at::Tensor& flat, at::IntArrayRef offse
   const DeviceIndex flat_dev = location_of(flat);
   const bool in_place = flat_is_page_locked(flat);
   Plan plan;
-  // Contiguous copies of strided sources. A device one is used only on the stream it was
-  // made on, so freeing it at the end of the call is stream-ordered; a host one is read
-  // during the call.
+  // Contiguous copies of strided sources and of sources with math bits (engine.h). A device
+  // one is used only on the stream it was made on, so freeing it at the end of the call is
+  // stream-ordered; a host one is read during the call.
   std::vector<at::Tensor> temporaries;
   std::map<DeviceIndex, std::vector<Move>> into_flat;
   for (std::size_t i = 0; i < src.size(); ++i) {
     const std::size_t n = nbytes_of(src[i]);
     if (n == 0) continue;
     at::Tensor s = src[i];
-    if (!s.is_contiguous()) {
-      s = s.contiguous();
+    if (!s.is_contiguous() || has_math_bits(s)) {
+      s = materialize(s);
       temporaries.push_back(s);
     }
     const Move m{bytes_of(s), base + offsets[i], n, location_of(s), flat_dev};
@@ -616,15 +617,16 @@ void unpack_cuda(const at::Tensor& flat, at::TensorList dst, at::IntArrayRef off
   const DeviceIndex flat_dev = location_of(flat);
   const bool in_place = flat_is_page_locked(flat);
   Plan plan;
-  // Strided destinations receive their bytes in a contiguous temporary on their own device,
-  // then copy_ puts them in place on that device's current stream, after the batched part.
+  // Strided destinations, and those with math bits, receive their bytes in a contiguous
+  // temporary on their own device, then copy_ puts them in place (and applies the bits) on
+  // that device's current stream, after the batched part.
   std::vector<std::pair<std::size_t, at::Tensor>> strided;
   std::map<DeviceIndex, std::vector<Move>> from_flat;
   for (std::size_t i = 0; i < dst.size(); ++i) {
     const std::size_t n = nbytes_of(dst[i]);
     if (n == 0) continue;
     at::Tensor target = dst[i];
-    if (!target.is_contiguous()) {
+    if (!target.is_contiguous() || has_math_bits(target)) {
       target = at::empty(target.sizes(), target.options());
       strided.emplace_back(i, target);
     }

@@ -73,9 +73,13 @@ void unpack(const at::Tensor& flat, const std::vector<at::Tensor>& dst,
   h.call(flat, dst, offsets, false);
 }
 
-bool futex_wait(const at::Tensor& word, std::int64_t expected, double timeout_s) {
-  static auto h = op("weightsync::futex_wait").typed<bool(const at::Tensor&, std::int64_t, double)>();
-  return h.call(word, expected, timeout_s);
+// The C++ call passes every argument, defaulted ones (spin_s) included: the signature must
+// match the schema exactly, or typed() throws at the call.
+bool futex_wait(const at::Tensor& word, std::int64_t expected, double timeout_s,
+                double spin_s = 0.0) {
+  static auto h = op("weightsync::futex_wait")
+                      .typed<bool(const at::Tensor&, std::int64_t, double, double)>();
+  return h.call(word, expected, timeout_s, spin_s);
 }
 
 std::int64_t futex_wake(const at::Tensor& word, std::int64_t count) {
@@ -314,12 +318,60 @@ void test_copy_plan() {
   EXPECT_VALUE_ERROR([&] { weightsync::CopyPlan({dst[1]}, {src[0]}); }, "weightsync[dtype]");
 }
 
+// Conjugate and negative views share their base's bytes: every op must give what copy_ gives
+// (csrc/math_bits.cpp lets them through the dispatcher; engine.h says how they are moved).
+void test_math_bit_views() {
+  // Values compared with at::equal: normal numbers, no NaN patterns.
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(95);
+  const at::Tensor base = at::randn({6}, gen, at::TensorOptions().dtype(at::kComplexFloat));
+  const at::Tensor reals = at::randn({5}, gen, at::TensorOptions().dtype(at::kFloat));
+  const std::vector<at::Tensor> src = {base.conj(), reals._neg_view(), base.conj()._neg_view()};
+  for (const char* dst_view : {"plain", "conj", "neg"}) {
+    std::vector<at::Tensor> dst;
+    for (const auto& s : src) {
+      at::Tensor d = at::zeros(s.sizes(), s.options());
+      if (std::strcmp(dst_view, "conj") == 0) d = d.conj();
+      if (std::strcmp(dst_view, "neg") == 0) d = d._neg_view();
+      dst.push_back(d);
+    }
+    batched_copy(dst, src);
+    for (std::size_t i = 0; i < src.size(); ++i) {
+      EXPECT_MSG(at::equal(dst[i], src[i]), std::string(dst_view) + " dst, index " +
+                                                std::to_string(i) + " differs");
+    }
+  }
+
+  // pack_ writes the values a view shows, unpack_ makes a view show them again.
+  at::Tensor flat = at::zeros({64}, at::kByte);
+  pack({src[0]}, flat, {3});
+  EXPECT(at::equal(flat.slice(0, 3, 3 + 48), bytes_of(src[0].resolve_conj())));
+  at::Tensor back = at::zeros({6}, at::kComplexFloat)._neg_view();
+  unpack(flat, {back}, {3});
+  EXPECT(at::equal(back, src[0]));
+
+  // A plan notices a bit set on the same storage (its spans would move the wrong values).
+  std::vector<at::Tensor> plan_dst = {at::zeros({6}, at::kComplexFloat)};
+  auto plan = c10::make_intrusive<weightsync::CopyPlan>(plan_dst, std::vector<at::Tensor>{base});
+  plan->run(false);
+  EXPECT(at::equal(plan_dst[0], base));
+  plan_dst[0]._set_conj(true);
+  EXPECT(!plan->is_valid());
+  plan->run(false);
+  EXPECT(plan->rebuilds() == 1);
+  EXPECT(at::equal(plan_dst[0], base));
+}
+
 void test_futex_ops() {
   at::Tensor word = at::zeros({1}, at::kInt);
   const auto start = std::chrono::steady_clock::now();
   EXPECT(!futex_wait(word, 0, 0.05));
   EXPECT(std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(45));
   EXPECT(futex_wait(word, 3, 5.0));
+  // Spinning first changes nothing about the answers: a timeout still times out.
+  const auto spun = std::chrono::steady_clock::now();
+  EXPECT(!futex_wait(word, 0, 0.02, 0.01));
+  EXPECT(std::chrono::steady_clock::now() - spun >= std::chrono::milliseconds(15));
+  EXPECT(futex_wait(word, 3, 5.0, 0.01));
   EXPECT(futex_wake(word, 1) == 0);
   EXPECT(futex_wake(word, std::int64_t{1} << 40) == 0);  // counts above INT32_MAX are clamped
   EXPECT_VALUE_ERROR([&] { futex_wait(at::zeros({1}, at::kLong), 0, 0.0); },
@@ -363,6 +415,7 @@ int main() {
       {"pack_unpack_roundtrip", test_pack_unpack_roundtrip},
       {"pack_rejects_and_changes_nothing", test_pack_rejects_and_changes_nothing},
       {"copy_plan", test_copy_plan},
+      {"math_bit_views", test_math_bit_views},
       {"futex_ops", test_futex_ops},
       {"engine_config", test_engine_config},
       {"host_register_without_cuda", test_host_register_without_cuda},

@@ -125,7 +125,9 @@ def backend_for(tensors: Iterable[torch.Tensor]) -> Backend:
     cpu, cuda = _choices(os.environ.get("WEIGHTSYNC_BACKEND", "").strip().lower() or None)
     choice = cpu
     # No CUDA tensor can exist before CUDA is initialised: skip the scan in CPU-only runs.
-    if cpu != cuda and torch.cuda.is_initialized() and any(t.is_cuda for t in tensors):
+    # (A non-tensor is left to the chosen backend's checks, which name its index.)
+    if cpu != cuda and torch.cuda.is_initialized() and any(
+            isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
         choice = cuda
     if isinstance(choice, Exception):
         raise type(choice)(str(choice))

@@ -16,7 +16,13 @@ from functools import cache
 
 import torch
 
-from weightsync.engine.torch_backend import TorchBackend, _bytes_view
+from weightsync.engine.torch_backend import (
+    TorchBackend,
+    _bytes_view,
+    _has_math_bits,
+    _value_bytes,
+    run_groups,
+)
 from weightsync.engine.validate import check_copy_lists, check_pack_lists, nbytes_of
 
 __all__ = ["CupyBackend", "cupy_unavailable_reason"]
@@ -112,7 +118,10 @@ class CupyBackend:
         for d, s in zip(dst, src):
             if d.numel() == 0:
                 continue
-            contiguous = d.is_contiguous() and s.is_contiguous()
+            # Conjugate/negative views hold bytes that are not their values: copy_ applies
+            # their bits (the torch backend's grouped copy, below).
+            contiguous = (d.is_contiguous() and s.is_contiguous()
+                          and not _has_math_bits(d) and not _has_math_bits(s))
             if contiguous and d.is_cuda and s.device == d.device:
                 by_device.setdefault(d.device, []).append((d, s))
             elif contiguous and d.is_cuda and s.device.type == "cpu":
@@ -126,7 +135,7 @@ class CupyBackend:
             for device, pairs in h2d.items():
                 self._h2d(pairs, device, non_blocking)
             if rest_dst:
-                torch._foreach_copy_(rest_dst, rest_src, non_blocking=non_blocking)
+                run_groups([(rest_dst, rest_src)], non_blocking)
 
     def _h2d(self, pairs: list, device: torch.device, non_blocking: bool) -> None:
         """Host sources packed into one pinned buffer, one DMA, one unpack launch."""
@@ -149,14 +158,14 @@ class CupyBackend:
         if not flat.is_cuda:
             self._torch.pack_(src, flat, offsets, non_blocking)
             return
-        pairs = [(flat.narrow(0, int(off), nbytes_of(t)), _bytes_view(t.contiguous()))
+        pairs = [(flat.narrow(0, int(off), nbytes_of(t)), _value_bytes(t))
                  for t, off in zip(src, offsets) if nbytes_of(t)]
         self.batched_copy_([d for d, _ in pairs], [s for _, s in pairs], non_blocking)
 
     def unpack_(self, flat: torch.Tensor, dst: Sequence[torch.Tensor], offsets: Sequence[int],
                 non_blocking: bool = False) -> None:
         check_pack_lists("unpack_", dst, flat, offsets, tensors_are_written=True)
-        if not flat.is_cuda or not all(t.is_contiguous() for t in dst):
+        if not flat.is_cuda or not all(t.is_contiguous() and not _has_math_bits(t) for t in dst):
             self._torch.unpack_(flat, dst, offsets, non_blocking)
             return
         pairs = [(_bytes_view(t), flat.narrow(0, int(off), nbytes_of(t)))

@@ -82,7 +82,8 @@ class _NativePlan:
         try:
             self._plan = torch.classes.weightsync.CopyPlan(dst, src, parallel_min_bytes)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise translate_native_error(exc) from None
+            raise translate_native_error(
+                exc, lambda: check_copy_lists("CopyPlan", dst, src)) from None
         self._address = self._plan.address()
         self._run = _c_plan().run
         self.prepare = partial(_c_plan().prepare, self._address)
@@ -124,12 +125,12 @@ class CopyPlan:
         dst, src = list(dst), list(src)
         backend = backend_for((*dst, *src))
         self.backend: str = backend.name
-        self.nbytes: int = sum(nbytes_of(t) for t in dst)
         self._len = len(dst)
         if backend.name == "native":
             self._impl: _NativePlan | _PythonPlan = _NativePlan(dst, src, parallel_min_bytes)
         else:
             self._impl = _PythonPlan(backend, dst, src)
+        self.nbytes: int = sum(nbytes_of(t) for t in dst)  # validated tensors by now
 
     def run(self, non_blocking: bool = False) -> None:
         """Run the copy. ``non_blocking`` as in :func:`weightsync.ops.batched_copy_`."""

@@ -2,6 +2,10 @@
 
 Pairs are grouped by (dst device, src device) and moved with one ``torch._foreach_copy_``
 per group; pack/unpack go through byte views of the tensors, so any dtype moves bit for bit.
+
+Conjugate and negative views (``x.conj()``, ``x._neg_view()``) get what ``copy_`` gives them,
+as on the native backend: pack_ writes the bytes of their values as readers see them, and
+unpack_ makes a destination read back the packed values.
 """
 
 from __future__ import annotations
@@ -16,8 +20,21 @@ __all__ = ["TorchBackend", "group_pairs", "run_groups"]
 
 
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor (any dtype, 0-d included)."""
+    """A flat uint8 view of a contiguous tensor without math bits (any dtype, 0-d included)."""
     return t.reshape(-1).view(torch.uint8)
+
+
+def _has_math_bits(t: torch.Tensor) -> bool:
+    """A lazy conjugate or negative view: its bytes are not its values (torch refuses a
+    byte view of it, and ``_foreach_copy_`` refuses it as a destination)."""
+    return t.is_conj() or t.is_neg()
+
+
+def _value_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t``'s values in logical order (a copy for strided or math-bit views)."""
+    if _has_math_bits(t):
+        t = t.resolve_conj().resolve_neg()
+    return _bytes_view(t.contiguous())
 
 
 def group_pairs(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> list[tuple[list, list]]:
@@ -37,7 +54,16 @@ def group_pairs(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> lis
 def run_groups(groups: list[tuple[list, list]], non_blocking: bool) -> None:
     with torch.no_grad():
         for ds, ss in groups:
-            torch._foreach_copy_(ds, ss, non_blocking=non_blocking)
+            try:
+                torch._foreach_copy_(ds, ss, non_blocking=non_blocking)
+            except RuntimeError:
+                # torch's fallback for conjugate/negative views refuses a written list that
+                # holds one, before copying anything. Looked for only then, so the common
+                # case pays nothing per tensor; copy_ applies the bits pair by pair.
+                if not any(_has_math_bits(d) for d in ds):
+                    raise
+                for d, s in zip(ds, ss):
+                    d.copy_(s, non_blocking=non_blocking)
 
 
 def _grouped_copy(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], non_blocking: bool) -> None:
@@ -62,7 +88,7 @@ class TorchBackend:
             n = nbytes_of(t)
             if n:
                 segments.append(flat.narrow(0, int(off), n))
-                sources.append(_bytes_view(t.contiguous()))
+                sources.append(_value_bytes(t))
         _grouped_copy(segments, sources, non_blocking)
 
     def unpack_(self, flat: torch.Tensor, dst: Sequence[torch.Tensor], offsets: Sequence[int],
@@ -74,7 +100,7 @@ class TorchBackend:
             if not n:
                 continue
             segment = flat.narrow(0, int(off), n)
-            if t.is_contiguous():
+            if t.is_contiguous() and not _has_math_bits(t):
                 views.append(_bytes_view(t))
                 segments.append(segment)
             else:

@@ -43,10 +43,22 @@ def _fail(kind: str, message: str) -> None:
     raise _KINDS[kind](f"weightsync[{kind}]: {message}")
 
 
-def translate_native_error(exc: Exception) -> Exception:
-    """The typed error for a tagged message from the native library; ``exc`` itself otherwise."""
+def translate_native_error(exc: Exception, recheck: Callable[[], None] | None = None) -> Exception:
+    """The typed error for a tagged message from the native library; ``exc`` itself otherwise.
+
+    ``recheck`` runs this module's checks of the same call. It is used only for an untagged
+    error, which is how the dispatcher refuses an argument it cannot convert before any kernel
+    runs (a None in a tensor list: "Expected a value of type 'List[Tensor]'", no index): the
+    checks then name the offending index with the typed error the Python backends raise. So
+    the happy path pays nothing per tensor.
+    """
     match = _TAG.search(str(exc))
     if match is None:
+        if recheck is not None:
+            try:
+                recheck()
+            except WeightSyncError as found:
+                return found
         return exc
     kind, message = match.groups()
     # Drop the C++ context lines torch may append (source location, backtrace).
@@ -173,7 +185,7 @@ def check_pack_lists(op: str, tensors: Sequence[torch.Tensor], flat: torch.Tenso
     ranges = []
     for i, (t, off) in enumerate(zip(tensors, offsets)):
         if not isinstance(t, torch.Tensor):
-            _fail("argument", f"{op}: index {i}: undefined tensor")
+            _fail("argument", f"{op}: index {i}: expected a tensor, got {type(t).__name__}")
         if not _supported(t):
             _fail("device", f"{op}: index {i}: tensor on {t.device}; only CPU and CUDA are supported")
         off = int(off)
