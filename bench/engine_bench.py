@@ -343,19 +343,20 @@ def environment() -> dict[str, Any]:
 
 def run_benchmarks(sets: Sequence[str] = tuple(WEIGHT_SETS), methods: Sequence[str] = METHODS,
                    rounds: int = 7, min_sample_s: float = 0.02, verify: bool = True,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[str], None] | None = None,
+                   settle_s: float = SETTLE_S) -> dict[str, Any]:
     """Measure ``methods`` on each set in ``sets`` (one set in memory at a time).
 
     Returns ``{"environment": ..., "sets": [SetResult as dict, ...]}`` (JSON-ready).
     """
-    out: dict[str, Any] = {"environment": environment(), "sets": []}
+    out: dict[str, Any] = {"environment": {**environment(), "settle_s": settle_s}, "sets": []}
     for name in sets:
         if progress is not None:
             progress(f"building {name}")
         case = make_case(name)
         if progress is not None:
             progress(f"measuring {name} ({case.count} tensors, {case.nbytes / 1e6:.1f} MB)")
-        out["sets"].append(asdict(measure_case(case, methods, rounds, min_sample_s, verify)))
+        out["sets"].append(asdict(measure_case(case, methods, rounds, min_sample_s, verify, settle_s)))
         del case
         gc.collect()
     out["environment"]["loadavg_end"] = list(os.getloadavg())
@@ -625,6 +626,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=7, help="samples per method (median reported)")
     p.add_argument("--min-sample", type=float, default=0.02,
                    help="seconds one sample lasts at least (calls are repeated)")
+    p.add_argument("--settle", type=float, default=SETTLE_S,
+                   help="seconds of untimed calls of a method before each of its samples")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads for this process (flat/foreach/loop use them)")
     p.add_argument("--no-verify", action="store_true", help="skip the bit-exact check")
@@ -658,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = format_thread_table(report)
     else:
         report = run_benchmarks(args.sets or tuple(WEIGHT_SETS), args.methods or METHODS,
-                                args.rounds, args.min_sample, not args.no_verify, progress)
+                                args.rounds, args.min_sample, not args.no_verify, progress,
+                                settle_s=args.settle)
         table = format_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
