@@ -21,8 +21,8 @@ from weightsync.schemes import (
     available_backends,
     backend_names,
     register_backend,
+    register_weight_sync_backend,
 )
-from weightsync.schemes.registry import register_weight_sync_backend
 from weightsync.strategy import EXTRA_STATE_KEY, WeightStrategy
 from weightsync.transports import InitialSyncTransport, NoOpTransport, TransportBackend
 from weightsync.updaters import MultiProcessedWeightUpdater, VanillaWeightUpdater, WeightUpdaterBase

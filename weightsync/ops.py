@@ -38,6 +38,10 @@ def batched_copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
 
     Args:
         dst: destinations, written in place. None may overlap another or any source.
+            Overlap is judged by each tensor's span of memory, from its lowest to its
+            highest byte: interleaved views of one buffer (``x[::2]`` and ``x[1::2]``)
+            share no byte but their spans overlap, so they are rejected too. The check is
+            one sort of the spans, whatever the number of tensors.
         src: sources; ``src[i]`` must have the dtype and shape of ``dst[i]``.
         non_blocking: as ``Tensor.copy_``: for device copies, do not wait for completion.
 

@@ -18,6 +18,7 @@ from weightsync.schemes.registry import (
     available_backends,
     backend_names,
     register_backend,
+    register_weight_sync_backend,
 )
 
 _LAZY = {"SharedMemWeightSyncScheme": "weightsync.schemes.shared_mem"}
@@ -32,6 +33,7 @@ __all__ = [
     "available_backends",
     "backend_names",
     "register_backend",
+    "register_weight_sync_backend",
 ]
 
 
