@@ -33,11 +33,13 @@ class _PythonPlan:
         self._build()
         self.rebuilds = 0
 
-    def _fingerprint(self) -> list[tuple[int, int, torch.dtype, torch.Size]]:
+    def _fingerprint(self) -> list[tuple[int, int, torch.dtype, torch.Size, bool, bool]]:
         # Storage, size, dtype and shape: what a reallocation or a re-view changes. The grouped
         # foreach copies values with torch's semantics, so a changed dtype or shape must send
-        # the plan back through validation rather than into a partial copy.
-        return [(t.data_ptr(), nbytes_of(t), t.dtype, t.shape) for t in (*self._dst, *self._src)]
+        # the plan back through validation rather than into a partial copy. The conjugate and
+        # negative bits too, as the native plan notices them (torch applies them at each run).
+        return [(t.data_ptr(), nbytes_of(t), t.dtype, t.shape, t.is_conj(), t.is_neg())
+                for t in (*self._dst, *self._src)]
 
     def _build(self) -> None:
         check_copy_lists("CopyPlan", self._dst, self._src)
