@@ -6,6 +6,7 @@ the spawn preparation data), so everything here is top level and cheap to import
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import traceback
 from typing import Any
 
@@ -15,6 +16,25 @@ from torch import nn
 
 #: Timeout of every join and every queue wait in these tests, in seconds.
 JOIN_TIMEOUT = 120.0
+
+
+def run_spawned(target: Any, *args: Any) -> dict[str, Any]:
+    """Run ``target(*args, results)`` in a spawned process and return the dict it puts on
+    ``results``; the process is joined (killed if it outlives the timeout) and must exit 0."""
+    spawn = mp.get_context("spawn")
+    results = spawn.Queue()
+    proc = spawn.Process(target=target, args=(*args, results))
+    proc.start()
+    try:
+        out = results.get(timeout=JOIN_TIMEOUT)
+    finally:
+        proc.join(JOIN_TIMEOUT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(JOIN_TIMEOUT)
+    assert "error" not in out, out.get("error")
+    assert proc.exitcode == 0, f"the spawned {target.__name__} exited with {proc.exitcode}"
+    return out
 
 
 def make_policy(seed: int) -> nn.Module:

@@ -4,7 +4,6 @@ transports, model resolution, the background receiver, and pickling into a spawn
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import pickle
 import threading
 import time
@@ -583,19 +582,7 @@ def test_scheme_crosses_into_a_spawned_process(backend):
     scheme.init_on_sender(model_id="policy", context=ctx)
     scheme.connect()
     weights = {k: v.detach().clone() for k, v in trainer.state_dict().items()}
-    spawn = mp.get_context("spawn")
-    results = spawn.Queue()
-    proc = spawn.Process(target=_spawn_helpers.receiver_applies, args=(scheme, weights, results))
-    proc.start()
-    try:
-        out = results.get(timeout=_spawn_helpers.JOIN_TIMEOUT)
-    finally:
-        proc.join(_spawn_helpers.JOIN_TIMEOUT)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(_spawn_helpers.JOIN_TIMEOUT)
-    assert "error" not in out, out.get("error")
-    assert proc.exitcode == 0
+    out = _spawn_helpers.run_spawned(_spawn_helpers.receiver_applies, scheme, weights)
     assert out["arrived"] == {
         "type": "NoWeightSyncScheme", "initialized_on_sender": False,
         "initialized_on_receiver": False, "synchronized_on_sender": False, "context": None,

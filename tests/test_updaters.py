@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import inspect
-import multiprocessing as mp
 import pickle
 
 import pytest
@@ -301,19 +300,7 @@ def test_updater_crosses_into_a_spawned_process(backend, kind):
     collector = Collector()
     updater.register_collector(collector)
     updater.push_weights(_spawn_helpers.make_policy(seed=3))  # a cached plan, version 1
-    spawn = mp.get_context("spawn")
-    results = spawn.Queue()
-    proc = spawn.Process(target=_spawn_helpers.updater_pushes, args=(updater, results))
-    proc.start()
-    try:
-        out = results.get(timeout=_spawn_helpers.JOIN_TIMEOUT)
-    finally:
-        proc.join(_spawn_helpers.JOIN_TIMEOUT)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(_spawn_helpers.JOIN_TIMEOUT)
-    assert "error" not in out, out.get("error")
-    assert proc.exitcode == 0
+    out = _spawn_helpers.run_spawned(_spawn_helpers.updater_pushes, updater)
     assert out["arrived"] == {
         "type": type(updater).__name__, "version": 1, "collector": None, "post_hooks": True,
         "plans_cached": 0,  # the strategy crosses without its caches

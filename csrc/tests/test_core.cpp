@@ -621,16 +621,11 @@ void test_futex_across_processes() {
   munmap(mem, 4096);
 }
 
-struct Test {
-  const char* name;
-  void (*run)();
-};
-
 }  // namespace
 
 // Runs every test, or only those named on the command line.
 int main(int argc, char** argv) {
-  const Test tests[] = {
+  const weightsync_test::Test tests[] = {
       {"copy_no_spans", test_copy_no_spans},
       {"copy_zero_byte_spans", test_copy_zero_byte_spans},
       {"copy_one_byte", test_copy_one_byte},
@@ -665,24 +660,5 @@ int main(int argc, char** argv) {
       {"futex_no_waiters", test_futex_no_waiters},
       {"futex_across_processes", test_futex_across_processes},
   };
-  int failed_tests = 0;
-  int ran = 0;
-  for (const Test& t : tests) {
-    if (argc > 1 && std::none_of(argv + 1, argv + argc,
-                                 [&](const char* a) { return std::strcmp(a, t.name) == 0; })) {
-      continue;
-    }
-    ++ran;
-    g_current = t.name;
-    const int before = g_failures;
-    const auto start = Clock::now();
-    t.run();
-    const bool ok = g_failures == before;
-    failed_tests += ok ? 0 : 1;
-    std::printf("%s %-32s %.3f s\n", ok ? "ok  " : "FAIL", t.name, seconds_since(start));
-    std::fflush(stdout);
-  }
-  std::printf("%d tests, %d failed, %d failed checks\n", ran, failed_tests, g_failures);
-  if (ran == 0) std::fprintf(stderr, "no test matches the names given\n");
-  return g_failures == 0 && ran > 0 ? 0 : 1;
+  return weightsync_test::run_tests(tests, argc, argv);
 }

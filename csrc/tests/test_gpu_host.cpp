@@ -395,15 +395,11 @@ void test_group_runs_gaps_and_overlaps() {
   EXPECT((many == Runs{{0, 2}, {2, 3}, {3, 5}}));
 }
 
-struct Test {
-  const char* name;
-  void (*run)();
-};
-
 }  // namespace
 
-int main() {
-  const Test tests[] = {
+// Runs every test, or only those named on the command line.
+int main(int argc, char** argv) {
+  const weightsync_test::Test tests[] = {
       {"table_counts_chunks_and_drops_empty_moves", test_table_counts_chunks_and_drops_empty_moves},
       {"grid_size_caps_blocks", test_grid_size_caps_blocks},
       {"find_entry_at_every_chunk", test_find_entry_at_every_chunk},
@@ -419,17 +415,5 @@ int main() {
       {"window_spans_empty_windows", test_window_spans_empty_windows},
       {"group_runs_gaps_and_overlaps", test_group_runs_gaps_and_overlaps},
   };
-  int failed_tests = 0;
-  for (const Test& t : tests) {
-    g_current = t.name;
-    const int before = g_failures;
-    t.run();
-    const bool ok = g_failures == before;
-    failed_tests += ok ? 0 : 1;
-    std::printf("%s %s\n", ok ? "ok  " : "FAIL", t.name);
-    std::fflush(stdout);
-  }
-  std::printf("%zu tests, %d failed, %d failed checks\n", std::size(tests), failed_tests,
-              g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return weightsync_test::run_tests(tests, argc, argv);
 }

@@ -398,15 +398,11 @@ void test_host_register_without_cuda() {
 #endif
 }
 
-struct Test {
-  const char* name;
-  void (*run)();
-};
-
 }  // namespace
 
-int main() {
-  const Test tests[] = {
+// Runs every test, or only those named on the command line.
+int main(int argc, char** argv) {
+  const weightsync_test::Test tests[] = {
       {"batched_copy_exact", test_batched_copy_exact},
       {"batched_copy_large_threaded", test_batched_copy_large_threaded},
       {"batched_copy_non_contiguous", test_batched_copy_non_contiguous},
@@ -420,21 +416,5 @@ int main() {
       {"engine_config", test_engine_config},
       {"host_register_without_cuda", test_host_register_without_cuda},
   };
-  int failed_tests = 0;
-  for (const Test& t : tests) {
-    g_current = t.name;
-    const int before = g_failures;
-    try {
-      t.run();
-    } catch (const std::exception& e) {
-      report(__FILE__, __LINE__, std::string("unexpected exception: ") + e.what());
-    }
-    const bool ok = g_failures == before;
-    failed_tests += ok ? 0 : 1;
-    std::printf("%s %s\n", ok ? "ok  " : "FAIL", t.name);
-    std::fflush(stdout);
-  }
-  std::printf("%zu tests, %d failed, %d failed checks\n", std::size(tests), failed_tests,
-              g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return weightsync_test::run_tests(tests, argc, argv);
 }
