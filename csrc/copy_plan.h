@@ -51,8 +51,9 @@ class CopyPlan : public torch::CustomClassHolder {
   // or its allocation under the same TensorImpl, `param.data = param.view(...)` changes its
   // sizes, and `param.data = param.conj()` (or _neg_view()) only its math bits, which decide
   // between a byte span and copy_ (engine.h). Read through the impl without the checks of
-  // data_ptr() (which also materialises copy-on-write storage): this runs every sync. Every field sits on the impl's own cache
-  // lines (sizes up to 5 dimensions are stored inline), which the check prefetches anyway.
+  // data_ptr() (which also materialises copy-on-write storage): this runs every sync. Every
+  // field sits on the impl's own cache lines (sizes up to 5 dimensions are stored inline),
+  // which the check prefetches anyway.
   // So a changed tensor is always seen, and the rebuild's validation names what differs
   // (its shape or dtype) or accepts the new storage.
   static constexpr std::size_t kInlineDims = 5;
