@@ -129,6 +129,13 @@ def _extensions() -> tuple[list, dict, dict]:
     sources = [os.path.relpath(s, ROOT) for s in sources]
     include_dirs = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
     cxx_flags = ["-O3"]
+    link_flags: list[str] = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is inline: it runs on torch's OpenMP threads only when compiled with
+        # OpenMP (the host copier uses it, see core::Helpers). libgomp.so.1 then resolves to the
+        # one torch already loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros: list[tuple[str, str | None]] = []
 
@@ -177,6 +184,7 @@ def _extensions() -> tuple[list, dict, dict]:
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link_flags,
     )
     info = {
         "extension": True,

@@ -143,6 +143,24 @@ at::Tensor materialize(const at::Tensor& t) {
   return out;
 }
 
+namespace {
+
+// Torch's intra-op pool as the host copier's other team (see core::Helpers): one participant
+// per index, the calling thread being one of the pool's threads.
+void torch_team(std::size_t participants, core::TeamBody body, void* context) {
+  at::parallel_for(0, static_cast<std::int64_t>(participants), 1,
+                   [&](std::int64_t begin, std::int64_t end) {
+                     for (std::int64_t p = begin; p < end; ++p) {
+                       body(context, static_cast<std::size_t>(p));
+                     }
+                   });
+}
+
+// Registered when the library loads, before any copy can run.
+const bool torch_team_registered = (core::set_team_runner(&torch_team), true);
+
+}  // namespace
+
 core::CopyOptions host_copy_options() {
   core::CopyOptions options = core::default_copy_options();
   options.max_threads = std::max(1, std::min(options.max_threads, at::get_num_threads()));

@@ -20,6 +20,8 @@ std::vector<std::int64_t> engine_config() {
 
 std::string span_loop() { return core::span_loop_name(core::active_span_loop()); }
 
+std::string helpers() { return core::helpers_name(core::active_helpers()); }
+
 }  // namespace
 
 TORCH_LIBRARY(weightsync, m) {
@@ -38,6 +40,8 @@ TORCH_LIBRARY(weightsync, m) {
   m.def("engine_config() -> int[]", &engine_config);
   // How the host copier moves small spans: "avx512", "avx" or "memcpy" (see core.h).
   m.def("span_loop() -> str", &span_loop);
+  // Whose threads help the host copier: "auto", "own" or "torch" (see core.h).
+  m.def("helpers() -> str", &helpers);
 
   m.class_<CopyPlan>("CopyPlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::int64_t>(), "",

@@ -38,6 +38,13 @@ def test_backend_info_names_active_backend_and_reasons(monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def extension_loaded() -> None:
+    """Skips a test that needs the compiled extension where it is not loaded."""
+    if not weightsync.backend_info()["extension"]["loaded"]:
+        pytest.skip("the extension is not loaded")
+
+
+@pytest.fixture(scope="module")
 def best_span_loop() -> str:
     """The best span loop this CPU has, as an unforced process picks it."""
     if not weightsync.backend_info()["extension"]["loaded"]:
@@ -70,6 +77,38 @@ def test_forced_span_loop_is_reported_and_copies_exactly(loop, best_span_loop):
     order = ["memcpy", "avx", "avx512"]
     expected = loop if order.index(loop) <= order.index(best_span_loop) else best_span_loop
     assert out["loop"] == expected
+
+
+@pytest.mark.parametrize("helpers", ["auto", "own", "torch"])
+def test_forced_helpers_are_reported_and_copy_exactly(helpers, extension_loaded):
+    """WEIGHTSYNC_HELPERS picks whose threads help the host copier (its own pool, torch's
+    intra-op threads, or auto), backend_info says which, and threaded plans and checks stay
+    bit-exact with each, right after torch's own parallel work too (where auto switches)."""
+    code = (
+        "import json, torch, weightsync\n"
+        "from weightsync.engine import CopyPlan\n"
+        "torch.set_num_threads(2)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "sizes = [4096] * 600 + [1 << 20, 3, 70000]\n"
+        "exact = True\n"
+        "big = torch.zeros(1 << 22); other = torch.ones(1 << 22)\n"
+        "for round in range(30):\n"
+        "    big.copy_(other)  # torch's workers spin after this\n"
+        "    src = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for n in sizes]\n"
+        "    dst = [torch.zeros(n, dtype=torch.uint8) for n in sizes]\n"
+        "    plan = CopyPlan(dst, src)\n"
+        "    for _ in range(3):\n"
+        "        plan.run()\n"
+        "        exact = exact and all(torch.equal(d, s) for d, s in zip(dst, src))\n"
+        "        for s in src: s.add_(1)\n"
+        "print(json.dumps({'helpers': weightsync.backend_info()['extension']['host_copier']"
+        "['helpers'], 'exact': exact}))\n"
+    )
+    proc = run_python(code, WEIGHTSYNC_HELPERS=helpers, WEIGHTSYNC_BACKEND="native",
+                      WEIGHTSYNC_NUM_THREADS="2")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"helpers": helpers, "exact": True}
 
 
 def test_forcing_the_torch_backend(monkeypatch):

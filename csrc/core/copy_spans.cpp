@@ -25,6 +25,9 @@
 #include <mutex>
 #include <thread>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 namespace weightsync::core {
 namespace {
 
@@ -205,6 +208,7 @@ struct Job {
   template <typename PrefixCost>
   void split(std::size_t n, std::size_t parts, PrefixCost cost) {
     share_count = std::clamp<std::size_t>(parts, 1, kMaxShares);
+    pieces = n;
     const double total = static_cast<double>(cost(n));
     std::size_t begin = 0;
     for (std::size_t s = 0; s < share_count; ++s) {
@@ -220,14 +224,30 @@ struct Job {
     }
   }
 
+  std::size_t pieces = 0;
+  // Pieces taken by participants other than the caller (0): whether the helpers got to work.
+  std::atomic<std::size_t> helper_pieces{0};
+
+  // Whether the helpers took at least half their fair share of the pieces. A helper that only
+  // gets the core now and then (torch's OpenMP workers spin on it) takes one late piece or
+  // none, and the caller copies the rest alone.
+  bool helpers_kept_up() const {
+    if (share_count < 2 || pieces < 2) return true;  // nothing to share: no evidence
+    const std::size_t fair = pieces * (share_count - 1) / share_count;
+    return 2 * helper_pieces.load(std::memory_order_relaxed) >= fair;
+  }
+
   void work(std::size_t participant) {
+    std::size_t taken = 0;
     for (std::size_t k = 0; k < share_count; ++k) {
       Share& share = shares[(participant + k) % share_count];
       for (std::size_t i = share.next.fetch_add(1, std::memory_order_relaxed); i < share.end;
            i = share.next.fetch_add(1, std::memory_order_relaxed)) {
         piece(i);
+        ++taken;
       }
     }
+    if (participant != 0 && taken != 0) helper_pieces.fetch_add(taken, std::memory_order_relaxed);
   }
 };
 
@@ -359,6 +379,68 @@ class Pool {
   bool stop_ = false;
 };
 
+std::atomic<TeamRunner> g_team_runner{nullptr};
+
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool on_main_thread() {
+  static thread_local const bool main = static_cast<pid_t>(syscall(SYS_gettid)) == getpid();
+  return main;
+}
+
+Helpers choose_helpers() {
+  const char* forced = std::getenv("WEIGHTSYNC_HELPERS");
+  if (forced != nullptr) {
+    for (Helpers h : {Helpers::kAuto, Helpers::kOwn, Helpers::kTorch}) {
+      if (std::strcmp(forced, helpers_name(h)) == 0) return h;
+    }
+  }
+  return Helpers::kOwn;
+}
+
+struct TeamContext {
+  Job* job;
+  std::thread::id caller;
+  std::int64_t caller_done_ns = 0;
+};
+
+Pool* pool_for(const CopyOptions& opts);
+
+// Runs a split job on the pool or on torch's threads (see Helpers in core.h).
+void run_job(const CopyOptions& opts, Job& job) {
+  const Helpers mode = active_helpers();
+  const TeamRunner runner = g_team_runner.load(std::memory_order_acquire);
+  const bool main = runner != nullptr && mode != Helpers::kOwn && on_main_thread();
+  static HelperChoice choice;  // read and written by the main thread only
+  if (main && (mode == Helpers::kTorch || choice.use_team(now_ns()))) {
+    TeamContext ctx{&job, std::this_thread::get_id()};
+    const std::int64_t start = now_ns();
+    runner(
+        job.share_count,
+        [](void* context, std::size_t participant) {
+          auto* team = static_cast<TeamContext*>(context);
+          team->job->work(participant);
+          if (std::this_thread::get_id() == team->caller) team->caller_done_ns = now_ns();
+        },
+        &ctx);
+    const std::int64_t end = now_ns();
+    const std::int64_t done = ctx.caller_done_ns != 0 ? ctx.caller_done_ns : end;
+    if (mode == Helpers::kAuto) choice.after_team(end, done - start, end - done);
+    return;
+  }
+  if (!pool_for(opts)->run(job)) {
+    job.work(0);  // another thread holds the pool: this says nothing about the helpers
+    return;
+  }
+  if (main && mode == Helpers::kAuto) {
+    choice.after_pool(job.helpers_kept_up());
+  }
+}
+
 Pool* pool_for(const CopyOptions& opts) {
   // Leaked on purpose: joining threads from a static destructor at exit can deadlock when the
   // process exits from a forked child or while another thread still copies.
@@ -368,6 +450,46 @@ Pool* pool_for(const CopyOptions& opts) {
 }
 
 }  // namespace
+
+Helpers active_helpers() {
+  static const Helpers helpers = choose_helpers();
+  return helpers;
+}
+
+const char* helpers_name(Helpers helpers) {
+  switch (helpers) {
+    case Helpers::kAuto: return "auto";
+    case Helpers::kOwn: return "own";
+    case Helpers::kTorch: return "torch";
+  }
+  return "auto";
+}
+
+void set_team_runner(TeamRunner runner) { g_team_runner.store(runner, std::memory_order_release); }
+
+bool HelperChoice::use_team(std::int64_t now_ns) const {
+  return prefer_team_ && now_ns >= banned_until_ns_;
+}
+
+void HelperChoice::after_pool(bool helpers_worked) { prefer_team_ = !helpers_worked; }
+
+void HelperChoice::after_team(std::int64_t now_ns, std::int64_t work_ns, std::int64_t wait_ns) {
+  if (wait_ns <= std::max(kMinLongWaitNs, work_ns / 2)) {
+    long_waits_ = 0;
+    // Only a run of good regions earns the short back-off again: beside a busy neighbour the
+    // team is on time now and then, and must not be retried often for that.
+    if (++good_regions_ >= kGoodRegionsToReset) backoff_ns_ = kFirstBackoffNs;
+    return;
+  }
+  // Torch's workers came late: asleep (spaced copies) or descheduled (a busy neighbour). One
+  // late region can be a stray preemption; several in a row mean the team is not at hand.
+  good_regions_ = 0;
+  if (++long_waits_ < kLongWaitsToLeave) return;
+  long_waits_ = 0;
+  prefer_team_ = false;
+  banned_until_ns_ = now_ns + backoff_ns_;
+  backoff_ns_ = std::min(2 * backoff_ns_, kMaxBackoffNs);
+}
 
 SpanLoop active_span_loop() {
   static const SpanLoop loop = choose_span_loop();
@@ -418,12 +540,12 @@ void copy_spans(const CopySpan* spans, std::size_t count, const CopyOptions& opt
   for (std::size_t i = 0; i < chunks.size(); ++i) prefix[i + 1] = prefix[i] + chunks[i].length;
   // The pool is sized by the first caller's options; later callers asking for fewer threads
   // still share it, which only matters for tests that vary the count.
-  Pool* pool = pool_for(opts);
   CopyJob job;
   job.spans = spans;
   job.chunks = &chunks;
-  job.split(chunks.size(), pool->participants(), [&](std::size_t i) { return prefix[i]; });
-  if (!pool->run(job)) job.work(0);
+  job.split(chunks.size(), pool_for(opts)->participants(),
+            [&](std::size_t i) { return prefix[i]; });
+  run_job(opts, job);
 }
 
 void wake_copy_helpers(const CopyOptions& opts) {
@@ -436,14 +558,14 @@ bool all_of(std::size_t count, std::size_t grain, RangeCheck check, const void* 
   if (!parallel || opts.max_threads <= 1 || count <= grain) {
     return count == 0 || check(context, 0, count);
   }
-  Pool* pool = pool_for(opts);
   CheckJob job;
   job.items = count;
   job.grain = grain;
   job.check = check;
   job.context = context;
-  job.split((count + grain - 1) / grain, pool->participants(), [](std::size_t i) { return i; });
-  if (!pool->run(job)) job.work(0);
+  job.split((count + grain - 1) / grain, pool_for(opts)->participants(),
+            [](std::size_t i) { return i; });
+  run_job(opts, job);
   // run() returns once every helper left the job: all pieces ran or were skipped after a failure.
   return !job.failed.load(std::memory_order_relaxed);
 }

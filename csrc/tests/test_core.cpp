@@ -363,6 +363,96 @@ void test_all_of_finds_one_failure_anywhere() {
   }
 }
 
+// ---- helpers: the copier's own pool or another team ------------------------------------------
+
+void test_helper_choice_switches_and_backs_off() {
+  using weightsync::core::HelperChoice;
+  constexpr std::int64_t us = 1000;
+  constexpr std::int64_t ms = 1000 * us;
+  constexpr std::int64_t first = HelperChoice::kFirstBackoffNs;
+  HelperChoice c;
+  EXPECT(!c.use_team(0));  // the pool first
+  c.after_pool(true);
+  EXPECT(!c.use_team(0));  // the helpers kept up: stay
+  c.after_pool(false);
+  EXPECT(c.use_team(0));  // the helpers fell behind: the other team next
+  // Short end-of-region waits keep the team: under 50 us, or under half the caller's work.
+  c.after_team(1 * ms, 100 * us, 40 * us);
+  c.after_team(1 * ms, 1000 * us, 400 * us);
+  EXPECT(c.use_team(1 * ms));
+  EXPECT(c.backoff_ns() == first);
+  // One long wait is forgiven (a stray preemption); a short one resets the count.
+  c.after_team(2 * ms, 100 * us, 60 * us);
+  EXPECT(c.use_team(2 * ms));
+  c.after_team(2 * ms, 100 * us, 10 * us);
+  c.after_team(3 * ms, 100 * us, 60 * us);
+  EXPECT(c.use_team(3 * ms));
+  // Two in a row send the jobs back to the pool, and the team is not tried again before the
+  // back-off ends, whatever the pool does meanwhile.
+  const std::int64_t t = 10 * ms;
+  c.after_team(t, 100 * us, 60 * us);
+  EXPECT(!c.use_team(t));
+  c.after_pool(false);
+  EXPECT(!c.use_team(t + first - 1));
+  EXPECT(c.use_team(t + first));
+  EXPECT(c.backoff_ns() == 2 * first);
+  // Only a run of good regions brings the back-off down again.
+  for (int i = 1; i < HelperChoice::kGoodRegionsToReset; ++i) {
+    c.after_team(t + first, 100 * us, 10 * us);
+  }
+  EXPECT(c.backoff_ns() == 2 * first);
+  c.after_team(t + first, 100 * us, 10 * us);
+  EXPECT(c.backoff_ns() == first);
+  // Repeated pairs of long waits double the back-off up to its cap.
+  std::int64_t now = t + first;
+  for (int i = 0; i < 20; ++i) {
+    c.after_pool(false);
+    now += c.backoff_ns();
+    EXPECT(c.use_team(now));
+    c.after_team(now, 10 * us, 5 * ms);
+    c.after_team(now, 10 * us, 5 * ms);
+    EXPECT(!c.use_team(now));
+  }
+  EXPECT(c.backoff_ns() == HelperChoice::kMaxBackoffNs);
+}
+
+// A team like torch's pool: participant 0 on the calling thread, the others on threads of
+// their own, returning when all are done.
+std::atomic<int> g_team_calls{0};
+
+void fake_team(std::size_t participants, weightsync::core::TeamBody body, void* context) {
+  ++g_team_calls;
+  std::vector<std::thread> others;
+  for (std::size_t p = 1; p < participants; ++p) others.emplace_back(body, context, p);
+  body(context, 0);
+  for (auto& t : others) t.join();
+}
+
+void test_team_copies_exactly() {
+  // Exact copies and checks whoever the helpers are. Run again by ctest with
+  // WEIGHTSYNC_HELPERS=torch, where every threaded job must go to the registered team, and
+  // with WEIGHTSYNC_HELPERS=own, where none may.
+  using weightsync::core::Helpers;
+  weightsync::core::set_team_runner(&fake_team);
+  g_team_calls = 0;
+  check_copy({100000, 3, 50000, 4096 * 5 + 1}, threaded(), 1, 2, 91, "team copy");
+  check_copy_all_modes({3000, 4095, 4096, 4097, 1, 8193}, 1, 1, 92, "team copy, all modes");
+  Flags f(10000);
+  EXPECT(weightsync::core::all_of(10000, 256, Flags::check, &f, true, threaded()));
+  EXPECT(std::all_of(f.seen.begin(), f.seen.end(), [](const auto& c) { return c.load() == 1; }));
+  Flags g(4096);
+  g.ok[4000] = 0;
+  EXPECT(!weightsync::core::all_of(4096, 64, Flags::check, &g, true, threaded()));
+  if (weightsync::core::active_helpers() == Helpers::kTorch) EXPECT(g_team_calls.load() >= 4);
+  if (weightsync::core::active_helpers() == Helpers::kOwn) EXPECT(g_team_calls.load() == 0);
+  // A thread other than the main one never uses the team.
+  const int before = g_team_calls.load();
+  std::thread([] { check_copy({100000, 50000}, threaded(), 0, 0, 93, "off the main thread"); })
+      .join();
+  EXPECT(g_team_calls.load() == before);
+  weightsync::core::set_team_runner(nullptr);
+}
+
 // ---- find_overlap ----------------------------------------------------------------------------
 
 constexpr int kDst = 0;
@@ -643,6 +733,8 @@ int main(int argc, char** argv) {
       {"all_of_empty_and_small", test_all_of_empty_and_small},
       {"all_of_visits_every_item_once_when_all_pass", test_all_of_visits_every_item_once_when_all_pass},
       {"all_of_finds_one_failure_anywhere", test_all_of_finds_one_failure_anywhere},
+      {"helper_choice_switches_and_backs_off", test_helper_choice_switches_and_backs_off},
+      {"team_copies_exactly", test_team_copies_exactly},
       {"overlap_disjoint", test_overlap_disjoint},
       {"overlap_touching", test_overlap_touching},
       {"overlap_dst_dst", test_overlap_dst_dst},

@@ -163,6 +163,10 @@ def backend_info() -> dict[str, Any]:
             # How small spans are copied: a vector loop for this CPU, or memcpy
             # (WEIGHTSYNC_SPAN_LOOP=memcpy|avx|avx512 picks one the CPU has).
             info["extension"]["host_copier"]["span_loop"] = torch.ops.weightsync.span_loop()
+        if hasattr(torch.ops.weightsync, "helpers"):
+            # Whose threads help the caller: the copier's own pool, torch's intra-op threads,
+            # or "auto", which switches between them (WEIGHTSYNC_HELPERS=auto|own|torch).
+            info["extension"]["host_copier"]["helpers"] = torch.ops.weightsync.helpers()
     for device_type in ("cpu", "cuda"):
         entry: dict[str, Any] = {"unavailable": {}}
         try:

@@ -63,6 +63,66 @@ const char* span_loop_name(SpanLoop loop);
 // nothing, when this CPU lacks it. For tests and benchmarks.
 bool copy_bytes_with(SpanLoop loop, void* dst, const void* src, std::size_t n);
 
+// Whose threads help the caller in a threaded copy_spans or parallel all_of
+// (WEIGHTSYNC_HELPERS=own|torch|auto, read once; default own).
+//
+// The copier's own pool ("own") never makes the caller wait for a helper that has not
+// started, so a busy neighbour core cannot stall it. But torch's OpenMP workers, threads of the
+// same process, keep spinning for milliseconds after each parallel region (libgomp's default),
+// and while they do they hold the cores the pool's helpers need: a copy right after torch's
+// own parallel work (a push after an optimizer step) runs on the caller alone. Torch's pool
+// ("torch", through the runner the torch layer registers) has those very threads at hand
+// then, but waits at the end of a region for every one of them, which collapses beside a
+// busy neighbour. "auto" uses the pool and switches to torch's threads after a pool job whose
+// helpers took less than half their fair share of the pieces; it switches back after two
+// regions in a row whose end-of-region wait was long (torch's workers were asleep or
+// descheduled), and then tries torch's threads again only after a back-off that doubles at
+// each such switch (20 ms up to 2 s) and comes down again only after 64 good regions in a
+// row. Measured on a 2-core VM, "auto" halves the copy right after torch's work but still
+// loses 20-50% beside a busy neighbour (the probes of torch's threads then wait), which is why
+// it is not the default. Only the process's main thread uses torch's threads: a region
+// started from another thread would make OpenMP start a team of threads for it.
+enum class Helpers { kAuto = 0, kOwn = 1, kTorch = 2 };
+Helpers active_helpers();  // from WEIGHTSYNC_HELPERS, read once
+const char* helpers_name(Helpers helpers);
+
+// Runs body(context, p) for every participant p in [0, participants) on a team of threads
+// the caller belongs to, returning once every call returned.
+using TeamBody = void (*)(void* context, std::size_t participant);
+using TeamRunner = void (*)(std::size_t participants, TeamBody body, void* context);
+// Registers torch's pool as the team (the torch layer does, when the library loads).
+void set_team_runner(TeamRunner runner);
+
+// The "auto" decision, one per process, kept apart from the threads so that it can be tested.
+class HelperChoice {
+ public:
+  static constexpr std::int64_t kFirstBackoffNs = 20'000'000;     // 20 ms
+  static constexpr std::int64_t kMaxBackoffNs = 2'000'000'000;    // 2 s
+  // A wait is long above this and above half the caller's own work.
+  static constexpr std::int64_t kMinLongWaitNs = 50'000;          // 50 us
+  // Long waits in a row that send the job back to the pool.
+  static constexpr int kLongWaitsToLeave = 2;
+  // Good regions in a row that bring the back-off down to its first value.
+  static constexpr int kGoodRegionsToReset = 64;
+
+  // Whether the next parallel job runs on torch's threads.
+  bool use_team(std::int64_t now_ns) const;
+  // After a job on the pool: `helpers_worked` tells whether the helpers kept up (took at least
+  // half their fair share of its pieces).
+  void after_pool(bool helpers_worked);
+  // After a job on torch's threads: the caller's own work took `work_ns`, then it waited
+  // `wait_ns` for the others to leave the region.
+  void after_team(std::int64_t now_ns, std::int64_t work_ns, std::int64_t wait_ns);
+  std::int64_t backoff_ns() const { return backoff_ns_; }
+
+ private:
+  bool prefer_team_ = false;
+  int long_waits_ = 0;
+  int good_regions_ = 0;
+  std::int64_t banned_until_ns_ = 0;
+  std::int64_t backoff_ns_ = kFirstBackoffNs;
+};
+
 // A heads-up that a threaded copy_spans (or parallel all_of) follows shortly: helper threads
 // still spinning after their last job keep spinning for opts.spin_us from now, and parked ones
 // wake now and look for work that long before they park again. Waking a parked thread takes
