@@ -78,9 +78,10 @@ bool copy_bytes_with(SpanLoop loop, void* dst, const void* src, std::size_t n);
 // regions in a row whose end-of-region wait was long (torch's workers were asleep or
 // descheduled), and then tries torch's threads again only after a back-off that doubles at
 // each such switch (20 ms up to 2 s) and comes down again only after 64 good regions in a
-// row. Measured on a 2-core VM, "auto" halves the copy right after torch's work but still
-// loses 20-50% beside a busy neighbour (the probes of torch's threads then wait), which is why
-// it is not the default. Only the process's main thread uses torch's threads: a region
+// row. Measured on a 2-core VM, "auto" halves the copy right after torch's work but beside a
+// busy neighbour its plans kept only 0.51-0.80x of one thread's speed (0.26x for the batched
+// op on 1000 small tensors; the probes of torch's threads then wait), which is why it is not
+// the default. Only the process's main thread uses torch's threads: a region
 // started from another thread would make OpenMP start a team of threads for it.
 enum class Helpers { kAuto = 0, kOwn = 1, kTorch = 2 };
 Helpers active_helpers();  // from WEIGHTSYNC_HELPERS, read once
