@@ -45,10 +45,8 @@ def extension_loaded() -> None:
 
 
 @pytest.fixture(scope="module")
-def best_span_loop() -> str:
+def best_span_loop(extension_loaded: None) -> str:
     """The best span loop this CPU has, as an unforced process picks it."""
-    if not weightsync.backend_info()["extension"]["loaded"]:
-        pytest.skip("the extension is not loaded")
     proc = run_python("import weightsync; print(weightsync.backend_info()['extension']"
                       "['host_copier']['span_loop'])", WEIGHTSYNC_SPAN_LOOP="")
     assert proc.returncode == 0, proc.stderr

@@ -462,7 +462,7 @@ const char* helpers_name(Helpers helpers) {
     case Helpers::kOwn: return "own";
     case Helpers::kTorch: return "torch";
   }
-  return "auto";
+  return "own";
 }
 
 void set_team_runner(TeamRunner runner) { g_team_runner.store(runner, std::memory_order_release); }
