@@ -704,10 +704,12 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         all the time still takes every update promptly: the background thread alone would
         queue for the lock behind it. An update that arrives during the block is applied
         right after it (by the background thread, the next :meth:`receive`, or the next
-        ``guard()``). Re-entrant.
+        ``guard()``). Re-entrant: an inner block takes nothing, so the outer one stays on
+        one version throughout.
         """
         with self._guard:
-            self._take_offered()
+            if self._guard.outermost:
+                self._take_offered()
             yield
 
     def _take_offered(self) -> None:

@@ -185,6 +185,12 @@ class ReceiverLock:
         self._depth -= 1
         self._rlock.release()
 
+    @property
+    def outermost(self) -> bool:
+        """True when the calling thread holds the lock exactly once (read it while holding
+        the lock: only the owner's depth is meaningful)."""
+        return self._depth == 1
+
     __enter__ = acquire
 
     def __exit__(self, *exc: object) -> None:
