@@ -47,6 +47,23 @@ CopyPlan::Fingerprint CopyPlan::fingerprint(const c10::TensorImpl& impl) {
   return f;
 }
 
+__attribute__((always_inline)) inline bool CopyPlan::matches(const c10::TensorImpl& impl,
+                                                             const Fingerprint& f) {
+  const c10::Storage& storage = impl.unsafe_storage();
+  if ((storage ? storage.unsafeGetStorageImpl()->data() : nullptr) != f.storage_data) return false;
+  const c10::IntArrayRef sizes = impl.sizes();
+  if (static_cast<std::int64_t>(sizes.size()) != f.dim || sizes.size() > kInlineDims) {
+    return fingerprint(impl) == f;  // the rare tensor of more than 5 dimensions
+  }
+  for (std::size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] != f.sizes[d]) return false;
+  }
+  // numel follows from the sizes; the rest is on the impl's last cache line.
+  return impl.storage_offset() == f.storage_offset && impl.dtype() == f.dtype &&
+         impl.is_contiguous() == f.contiguous && impl.is_conj() == f.conj &&
+         impl.is_neg() == f.neg;
+}
+
 namespace {
 
 // A fingerprint reads a TensorImpl (a few cache lines) and then its StorageImpl: two dependent
@@ -148,7 +165,7 @@ bool CopyPlan::is_valid_range(std::size_t begin, std::size_t end) const {
   for (std::size_t i = begin; i < end; ++i) {
     if (i + kImplAhead < end) prefetch_impl(impls_[i + kImplAhead]);
     if (i + kStorageAhead < end) prefetch_storage(impls_[i + kStorageAhead]);
-    if (!(fingerprint(*impls_[i]) == fingerprints_[i])) return false;
+    if (!matches(*impls_[i], fingerprints_[i])) return false;
   }
   return true;
 }

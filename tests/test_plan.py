@@ -156,6 +156,80 @@ def test_plan_notices_a_reshape_beyond_five_dimensions(backend):
         plan.run()
 
 
+@pytest.mark.parametrize("review", ["offset", "strides"])
+def test_plan_follows_a_re_view_at_another_offset_or_stride(backend, review):
+    # Same storage, sizes and dtype: only where the tensor starts, or how it is laid out,
+    # changed. The plan must copy into the tensor's new bytes, not its old ones.
+    base = torch.zeros(20)
+    dst = [torch.zeros(3), base[:9].view(3, 3)]
+    src = [torch.randn(3), torch.randn(3, 3)]
+    plan = CopyPlan(dst, src)
+    plan.run()
+    first = src[1].clone()
+    if review == "offset":
+        dst[1].data = base[4:13].view(3, 3)
+    else:
+        dst[1].data = dst[1].data.t()  # non-contiguous, same sizes
+    src[1].add_(1)
+    plan.run()
+    # New strides alone need not rebuild every plan (the torch backend copies through the
+    # tensors themselves), but the bytes must land where the tensor now says.
+    assert plan.is_valid()
+    assert torch.equal(dst[1], src[1]) and torch.equal(dst[0], src[0])
+    if review == "offset":  # a new data pointer: every plan rebuilds; the old bytes stay
+        assert plan.rebuilds == 1
+        assert torch.equal(base[:4], first.flatten()[:4])
+
+
+def test_plan_lands_after_a_storage_is_resized_in_place(backend):
+    # FSDP-style: the storage is freed and reallocated under the same tensor. Its bytes may
+    # come back elsewhere; the copy must land in the live allocation either way.
+    dst, src = make_pairs(3)
+    plan = CopyPlan(dst, src)
+    plan.run()
+    storage = dst[2].untyped_storage()
+    nbytes = storage.nbytes()
+    keep = torch.empty(nbytes // 4)  # makes reuse of the freed block less likely
+    storage.resize_(0)
+    storage.resize_(nbytes)
+    src[2].add_(1)
+    plan.run()
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
+    del keep
+
+
+@pytest.mark.parametrize("call", ["fastcall", "ctypes"])
+def test_native_plan_runs_the_same_through_either_call(monkeypatch, call):
+    # The native plan's C entry points are called through weightsync._entries' trampoline
+    # when it is built, else through ctypes: copies, rebuilds and typed errors agree.
+    from weightsync.engine import plan as plan_module
+    from conftest import native_loaded, _skip_or_fail_native
+
+    if not native_loaded():
+        _skip_or_fail_native()
+    monkeypatch.setenv("WEIGHTSYNC_BACKEND", "native")
+    if call == "ctypes":
+        monkeypatch.setattr(plan_module, "_fast_calls", lambda: None)
+    dst, src = make_pairs()
+    plan = CopyPlan(dst, src)
+    assert plan.backend == "native"
+    assert (plan._impl._fast_run is not None) == (call == "fastcall")
+    plan.prepare()
+    plan.run()
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
+    params = [torch.nn.Parameter(d) for d in dst]
+    plan = CopyPlan(params, src)
+    params[0].data = torch.zeros(1, 3)
+    src[0].fill_(3)
+    plan.run()
+    assert plan.rebuilds == 1 and torch.equal(params[0].detach(), src[0])
+    params[1].data = torch.zeros(4, 3)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ShapeMismatchError, match=r"index 1: dst shape \[4, 3\] != src shape \[2, 3\]"):
+        plan.run()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
 def test_prepare_is_only_a_heads_up(backend):
     # Big enough for the native copier's helper threads, which prepare() wakes.
     dst = [torch.zeros(1 << 18) for _ in range(3)]

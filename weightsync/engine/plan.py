@@ -78,6 +78,22 @@ def _c_plan() -> Any:
 _ERROR_LEN = 4096
 
 
+@cache
+def _fast_calls() -> tuple[Any, int, int] | None:
+    """``(weightsync._entries, run address, prepare address)``: the plan's C entry points
+    called through a METH_FASTCALL trampoline, a tenth of ctypes' per-call cost (see
+    csrc/python/entries.cpp); None when that module is not built (ctypes then)."""
+    try:
+        from weightsync import _entries
+    except ImportError:
+        return None
+    if not hasattr(_entries, "plan_run"):  # a module built before the trampolines
+        return None
+    calls = _c_plan()
+    return (_entries, ctypes.cast(calls.run, ctypes.c_void_p).value,
+            ctypes.cast(calls.prepare, ctypes.c_void_p).value)
+
+
 class _NativePlan:
     def __init__(self, dst: list[torch.Tensor], src: list[torch.Tensor],
                  parallel_min_bytes: int) -> None:
@@ -87,9 +103,16 @@ class _NativePlan:
             raise translate_native_error(
                 exc, lambda: check_copy_lists("CopyPlan", dst, src)) from None
         self._address = self._plan.address()
-        self._run = _c_plan().run
-        self.prepare = partial(_c_plan().prepare, self._address)
-        self._error = ctypes.create_string_buffer(_ERROR_LEN)
+        fast = _fast_calls()
+        if fast is not None:
+            entries, run, prepare = fast
+            self._fast_run = partial(entries.plan_run, run, self._address)
+            self.prepare = partial(entries.plan_prepare, prepare, self._address)
+        else:
+            self._fast_run = None
+            self._run = _c_plan().run
+            self.prepare = partial(_c_plan().prepare, self._address)
+            self._error = ctypes.create_string_buffer(_ERROR_LEN)
 
     @property
     def rebuilds(self) -> int:
@@ -99,8 +122,13 @@ class _NativePlan:
         return self._plan.is_valid()
 
     def run(self, non_blocking: bool) -> None:
-        # The plan turns grad mode off itself, in C++; ctypes releases the GIL meanwhile.
-        if self._run(self._address, non_blocking, self._error, _ERROR_LEN):
+        # The plan turns grad mode off itself, in C++; both calls release the GIL meanwhile.
+        if self._fast_run is not None:
+            try:
+                self._fast_run(non_blocking)
+            except RuntimeError as exc:
+                raise translate_native_error(exc) from None
+        elif self._run(self._address, non_blocking, self._error, _ERROR_LEN):
             raise translate_native_error(RuntimeError(self._error.value.decode(errors="replace")))
 
 
