@@ -46,15 +46,22 @@ def test_unchanged_dicts_match(same_entries):
     assert same_entries((owner, owner), ("d",), (expected[0], expected[0]))
 
 
+@pytest.mark.parametrize("with_memo", [False, True], ids=["walk", "memo"])
 @pytest.mark.parametrize(
     "change",
-    ["replace", "equal_tensor", "add", "remove", "rename", "reorder", "rebind_dict"],
+    ["replace", "equal_tensor", "add", "remove", "rename", "reorder", "rebind_dict",
+     "set_same_value", "clear_and_refill"],
 )
-def test_every_change_is_seen(same_entries, change):
+def test_every_change_is_seen(same_entries, change, with_memo):
     a, b = torch.ones(1), torch.zeros(1)  # one element: a copy would compare equal
     owner = _Owner(d={"a": a, "b": b})
     expected = expect(owner.d)
+    memo = [] if with_memo else None
+    if with_memo:  # a first call that finds the tree the same, so the memo vouches for it
+        assert same_entries((owner,), ("d",), (expected,), memo)
+        assert same_entries((owner,), ("d",), (expected,), memo)
     d = owner.d
+    same_after = False
     if change == "replace":
         d["a"] = torch.ones(3)
     elif change == "equal_tensor":
@@ -67,9 +74,35 @@ def test_every_change_is_seen(same_entries, change):
         d["c"] = d.pop("b")
     elif change == "reorder":
         d["a"] = d.pop("a")
+    elif change == "set_same_value":  # a write that changes nothing: still the same tree
+        d["a"] = a
+        same_after = True
+    elif change == "clear_and_refill":
+        d.clear()
+        d.update(a=a, b=b)
+        same_after = True
     else:
         owner.d = {"a": a, "b": torch.zeros(1)}
-    assert not same_entries((owner,), ("d",), (expected,))
+    assert same_entries((owner,), ("d",), (expected,), memo) is same_after
+    if with_memo:  # answered again from the memo (refilled) or by a walk (emptied)
+        assert same_entries((owner,), ("d",), (expected,), memo) is same_after
+
+
+def test_the_memo_is_filled_only_by_a_walk_that_found_the_tree_the_same():
+    same_entries = tree_check("native")
+    owner = _Owner(d={"a": torch.ones(1)}, e={})
+    expected = (expect(owner.d), expect(owner.e))
+    memo: list = []
+    assert same_entries((owner,), ("d", "e"), expected, memo)
+    assert [m for m in memo[0::2]] == [owner.d, owner.e] and all(
+        type(v) is int for v in memo[1::2])
+    owner.e["new"] = 1
+    assert not same_entries((owner,), ("d", "e"), expected, memo)
+    assert memo == []
+    del owner.e["new"]
+    assert same_entries((owner,), ("d", "e"), expected, memo) and len(memo) == 4
+    with pytest.raises(TypeError, match="memo: list"):
+        same_entries((owner,), ("d", "e"), expected, ())
 
 
 def test_values_are_compared_by_identity_only(same_entries):
@@ -117,13 +150,18 @@ def test_weak_values_and_owners(same_entries):
     expected = expect(owner.d, weak=True)
     assert isinstance(expected[1][0], weakref.ref) and expected[1][1] is None
     ref = weakref.ref(owner)
+    memo: list = []
     assert same_entries((ref,), ("d",), (expected,))
+    assert same_entries((ref,), ("d",), (expected,), memo)
     owner.d["child"] = other
     assert not same_entries((ref,), ("d",), (expected,))
+    assert not same_entries((ref,), ("d",), (expected,), memo)
     owner.d["child"] = child
+    assert same_entries((ref,), ("d",), (expected,), memo)
     del owner
     gc.collect()
     assert not same_entries((ref,), ("d",), (expected,))  # the owner died
+    assert not same_entries((ref,), ("d",), (expected,), memo)
 
 
 def test_a_dead_weak_value_matches_nothing(same_entries):

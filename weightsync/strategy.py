@@ -401,9 +401,10 @@ class _WalkSnapshot:
     under ``__extra_state__`` are not compared: they are re-read at every update anyway.
     """
 
-    __slots__ = ("nodes", "expected")
+    __slots__ = ("nodes", "expected", "memo")
 
     def __init__(self, td: TensorDict) -> None:
+        self.memo: list = []  # see tree_identity.same_entries
         self.nodes: list[TensorDict] = []  # the sub-trees; the root is passed to unchanged()
         expected = []
         stack = [td]
@@ -426,7 +427,7 @@ class _WalkSnapshot:
         self.expected = tuple(expected)
 
     def unchanged(self, td: Any) -> bool:
-        return same_entries((td, *self.nodes), _TD_DICTS, self.expected)
+        return same_entries((td, *self.nodes), _TD_DICTS, self.expected, self.memo)
 
 
 class _ModuleSnapshot:
@@ -437,9 +438,10 @@ class _ModuleSnapshot:
     root down also proves that ``module.modules()`` still yields the same modules.
     """
 
-    __slots__ = ("modules", "expected")
+    __slots__ = ("modules", "expected", "memo")
 
     def __init__(self, module: nn.Module) -> None:
+        self.memo: list = []  # see tree_identity.same_entries
         modules = list(module.modules())
         self.modules = tuple(weakref.ref(m) for m in modules)
         try:
@@ -453,7 +455,7 @@ class _ModuleSnapshot:
 
     def unchanged(self, module: Any) -> bool:
         return self.modules[0]() is module and same_entries(self.modules, _MODULE_DICTS,
-                                                            self.expected)
+                                                            self.expected, self.memo)
 
 
 class UncacheableTree(Exception):

@@ -79,16 +79,70 @@ bool same_dict(PyObject* d, PyObject* keys, PyObject* values, bool weak, Py_ssiz
   return true;
 }
 
+// A dict's version tag: CPython gives a dict a new, never reused, value at every change
+// (insert, delete, a value set, clear), so an unchanged tag on the same dict object proves the
+// dict holds what it held. The field is deprecated from 3.12 (watcher bits share it, which
+// only makes a tag differ more often) and gone in 3.14, where the memo is not used.
+#if PY_VERSION_HEX < 0x030E0000
+#define WEIGHTSYNC_DICT_VERSIONS 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+inline unsigned long long dict_version(PyObject* d) {
+  return reinterpret_cast<PyDictObject*>(d)->ma_version_tag;
+}
+#pragma GCC diagnostic pop
+#endif
+
+// Whether `memo` ([dict, version, ...] per owner and name, as left by the last walk that
+// found every dict the same) still describes the tree: the same dict objects, each with the
+// version it had. A few ns per dict instead of a few per entry.
+bool memo_holds(PyObject* owners, PyObject* names, PyObject* memo) {
+#ifdef WEIGHTSYNC_DICT_VERSIONS
+  const Py_ssize_t n_owners = PyTuple_GET_SIZE(owners);
+  const Py_ssize_t n_names = PyTuple_GET_SIZE(names);
+  if (PyList_GET_SIZE(memo) != 2 * n_owners * n_names) return false;
+  Py_ssize_t k = 0;
+  for (Py_ssize_t o = 0; o < n_owners; ++o) {
+    PyObject* owner = resolve(PyTuple_GET_ITEM(owners, o));
+    if (owner == nullptr) return false;
+    for (Py_ssize_t a = 0; a < n_names; ++a, ++k) {
+      PyObject* d = PyObject_GetAttr(owner, PyTuple_GET_ITEM(names, a));
+      if (d == nullptr) {
+        PyErr_Clear();
+        Py_DECREF(owner);
+        return false;
+      }
+      const unsigned long long want = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(memo, 2 * k + 1));
+      if (want == static_cast<unsigned long long>(-1) && PyErr_Occurred()) PyErr_Clear();
+      const bool same = d == PyList_GET_ITEM(memo, 2 * k) && PyDict_CheckExact(d) &&
+                        dict_version(d) == want;
+      Py_DECREF(d);
+      if (!same) {
+        Py_DECREF(owner);
+        return false;
+      }
+    }
+    Py_DECREF(owner);
+  }
+  return true;
+#else
+  (void)owners, (void)names, (void)memo;
+  return false;
+#endif
+}
+
 PyObject* same_entries(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 3 || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1]) ||
-      !PyTuple_Check(args[2])) {
+  if ((nargs != 3 && nargs != 4) || !PyTuple_Check(args[0]) || !PyTuple_Check(args[1]) ||
+      !PyTuple_Check(args[2]) || (nargs == 4 && args[3] != Py_None && !PyList_Check(args[3]))) {
     PyErr_SetString(PyExc_TypeError,
-                    "same_entries(owners: tuple, names: tuple, expected: tuple)");
+                    "same_entries(owners: tuple, names: tuple, expected: tuple, "
+                    "memo: list | None = None)");
     return nullptr;
   }
   PyObject* owners = args[0];
   PyObject* names = args[1];
   PyObject* expected = args[2];
+  PyObject* memo = nargs == 4 && args[3] != Py_None ? args[3] : nullptr;
   const Py_ssize_t n_owners = PyTuple_GET_SIZE(owners);
   const Py_ssize_t n_names = PyTuple_GET_SIZE(names);
   if (PyTuple_GET_SIZE(expected) != n_owners * n_names) {
@@ -107,34 +161,68 @@ PyObject* same_entries(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
       return nullptr;
     }
   }
-  for (Py_ssize_t o = 0; o < n_owners; ++o) {
+  if (memo != nullptr && memo_holds(owners, names, memo)) Py_RETURN_TRUE;
+  // The walk. With a memo, it notes each dict and its version as it reaches it (before its
+  // entries are compared: a change made after that leaves a stale version, which only sends
+  // the next call down this walk again) and keeps them when every dict was the same.
+  PyObject* fresh = nullptr;
+#ifdef WEIGHTSYNC_DICT_VERSIONS
+  if (memo != nullptr && (fresh = PyList_New(2 * n_owners * n_names)) == nullptr) return nullptr;
+#endif
+  bool same = true;
+  for (Py_ssize_t o = 0; same && o < n_owners; ++o) {
     PyObject* owner = resolve(PyTuple_GET_ITEM(owners, o));
-    if (owner == nullptr) Py_RETURN_FALSE;
-    for (Py_ssize_t a = 0; a < n_names; ++a) {
+    if (owner == nullptr) {
+      same = false;
+      break;
+    }
+    for (Py_ssize_t a = 0; same && a < n_names; ++a) {
       PyObject* d = PyObject_GetAttr(owner, PyTuple_GET_ITEM(names, a));
       if (d == nullptr) {  // an owner without the attribute is not the tree it was
         PyErr_Clear();
-        Py_DECREF(owner);
-        Py_RETURN_FALSE;
+        same = false;
+        break;
       }
-      PyObject* item = PyTuple_GET_ITEM(expected, o * n_names + a);
+      const Py_ssize_t k = o * n_names + a;
+      PyObject* item = PyTuple_GET_ITEM(expected, k);
       const Py_ssize_t skip = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 3));
       if (skip == -1 && PyErr_Occurred()) {
         Py_DECREF(d);
         Py_DECREF(owner);
+        Py_XDECREF(fresh);
         return nullptr;
       }
-      const bool same = same_dict(d, PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1),
-                                  PyTuple_GET_ITEM(item, 2) == Py_True, skip);
-      Py_DECREF(d);
-      if (!same) {
-        Py_DECREF(owner);
-        Py_RETURN_FALSE;
+#ifdef WEIGHTSYNC_DICT_VERSIONS
+      if (fresh != nullptr && PyDict_CheckExact(d)) {
+        PyObject* version = PyLong_FromUnsignedLongLong(dict_version(d));
+        if (version == nullptr) {
+          Py_DECREF(d);
+          Py_DECREF(owner);
+          Py_DECREF(fresh);
+          return nullptr;
+        }
+        Py_INCREF(d);
+        PyList_SET_ITEM(fresh, 2 * k, d);
+        PyList_SET_ITEM(fresh, 2 * k + 1, version);
       }
+#endif
+      same = same_dict(d, PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1),
+                       PyTuple_GET_ITEM(item, 2) == Py_True, skip);
+      Py_DECREF(d);
     }
     Py_DECREF(owner);
   }
-  Py_RETURN_TRUE;
+  if (memo != nullptr) {
+    // Kept only when the whole tree was the same; otherwise emptied (nothing to vouch for).
+    PyObject* keep = same ? fresh : nullptr;
+    if (PyList_SetSlice(memo, 0, PyList_GET_SIZE(memo), keep) < 0) {
+      Py_XDECREF(fresh);
+      return nullptr;
+    }
+  }
+  Py_XDECREF(fresh);
+  if (same) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
 }
 
 // The signatures of weightsync_plan_run and weightsync_plan_prepare (csrc/copy_plan.h).
@@ -186,13 +274,16 @@ PyObject* plan_prepare(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyMethodDef methods[] = {
     {"same_entries", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_entries)),
      METH_FASTCALL,
-     "same_entries(owners, names, expected) -> bool\n\n"
+     "same_entries(owners, names, expected, memo=None) -> bool\n\n"
      "For every owner (an object, or a weak reference to one) and attribute name, in order:\n"
      "getattr(owner, name) is an exact dict whose entries are, in order, expected[k] =\n"
      "(keys, values, weak, skip): keys the same objects or equal strs, values the same\n"
      "objects (weak: the objects the weak references in values refer to; None matches\n"
      "None), the value at position skip (-1: none) not compared. False as soon as one\n"
-     "differs or an owner died. Runs no code of the compared keys and values."},
+     "differs or an owner died. Runs no code of the compared keys and values.\n"
+     "memo: a list the caller keeps with its expected entries (start empty); it records\n"
+     "each dict and its version tag after a walk that found the tree the same, and while\n"
+     "they still hold the answer is True without comparing entries."},
     {"plan_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_run)),
      METH_FASTCALL,
      "plan_run(function, plan, non_blocking) -> None\n\n"
