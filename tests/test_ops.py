@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -375,6 +376,21 @@ def test_pack_out_of_bounds_changes_nothing(backend):
     assert not flat.any()
 
 
+def test_pack_takes_integer_offsets_only(backend):
+    # int() would truncate 1.5 to 1 and write the bytes one place off: refused, flat untouched.
+    src = [torch.ones(2), torch.full((2,), 2.0)]
+    flat = torch.zeros(64, dtype=torch.uint8)
+    for bad, message in ([0, 8.5], r"offsets\[1\] must be an integer, got float 8.5"), \
+                        ([0, "8"], r"offsets\[1\] must be an integer, got str '8'"), \
+                        (8, r"offsets must be a sequence of integers, got int"):
+        with pytest.raises(InvalidArgumentError, match=r"pack_: " + message):
+            ops.pack_(src, flat, bad)
+        assert not flat.any()
+    # What has __index__ is an integer: numpy integers, 0-d integer tensors.
+    ops.pack_(src, flat, [np.int64(0), torch.tensor(8)])
+    assert torch.equal(flat[:16].view(torch.float32), torch.tensor([1.0, 1.0, 2.0, 2.0]))
+
+
 def test_pack_overlapping_segments_changes_nothing(backend):
     flat = torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(AliasingError, match=r"flat segment\[0\] and flat segment\[1\] share memory"):
@@ -419,8 +435,15 @@ def _unpack_targets(gen):
          r"unpack_: index 4: bytes \[10000, 10009\) of uint8\[9\] on cpu fall outside flat"),
         (lambda o: o.__setitem__(1, -8), InvalidArgumentError, r"unpack_: index 1: negative offset -8"),
         (lambda o: o.pop(), LayoutMismatchError, r"unpack_: 5 tensors but 4 offsets"),
+        (lambda o: o.__setitem__(3, o[3] + 0.5), InvalidArgumentError,
+         r"unpack_: offsets\[3\] must be an integer, got float \d+\.5"),
+        (lambda o: o.__setitem__(4, None), InvalidArgumentError,
+         r"unpack_: offsets\[4\] must be an integer, got NoneType None"),
+        (lambda o: o.__setitem__(0, True), InvalidArgumentError,
+         r"unpack_: offsets\[0\] must be an integer, got bool True"),
     ],
-    ids=["out-of-bounds-by-one", "far-out-of-bounds", "negative-offset", "length"],
+    ids=["out-of-bounds-by-one", "far-out-of-bounds", "negative-offset", "length", "float",
+         "none", "bool"],
 )
 def test_unpack_errors_change_no_destination_byte(backend, gen, change, error, message):
     # The bad entry comes after good ones: a backend that copied pairs as it checked them

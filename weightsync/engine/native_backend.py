@@ -11,7 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
-from weightsync.engine.validate import check_copy_lists, check_pack_lists, translate_native_error
+from weightsync.engine.validate import (
+    check_copy_lists,
+    check_pack_lists,
+    offset_list,
+    translate_native_error,
+)
 
 __all__ = ["NativeBackend"]
 
@@ -32,18 +37,20 @@ class NativeBackend:
 
     def pack_(self, src: Sequence[torch.Tensor], flat: torch.Tensor, offsets: Sequence[int],
               non_blocking: bool = False) -> None:
+        ints = offset_list("pack_", offsets)
         try:
             with torch.no_grad():
-                torch.ops.weightsync.pack_(list(src), flat, [int(o) for o in offsets], non_blocking)
+                torch.ops.weightsync.pack_(list(src), flat, ints, non_blocking)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise translate_native_error(exc, lambda: check_pack_lists(
                 "pack_", src, flat, offsets, tensors_are_written=False)) from None
 
     def unpack_(self, flat: torch.Tensor, dst: Sequence[torch.Tensor], offsets: Sequence[int],
                 non_blocking: bool = False) -> None:
+        ints = offset_list("unpack_", offsets)
         try:
             with torch.no_grad():
-                torch.ops.weightsync.unpack_(flat, list(dst), [int(o) for o in offsets], non_blocking)
+                torch.ops.weightsync.unpack_(flat, list(dst), ints, non_blocking)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise translate_native_error(exc, lambda: check_pack_lists(
                 "unpack_", dst, flat, offsets, tensors_are_written=True)) from None

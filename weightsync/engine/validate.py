@@ -8,6 +8,7 @@ run before the first byte moves.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Sequence
 
@@ -24,7 +25,8 @@ from weightsync.errors import (
     WeightSyncError,
 )
 
-__all__ = ["check_copy_lists", "check_pack_lists", "byte_extent", "nbytes_of", "translate_native_error"]
+__all__ = ["check_copy_lists", "check_pack_lists", "byte_extent", "nbytes_of", "offset_list",
+           "translate_native_error"]
 
 _KINDS: dict[str, type[WeightSyncError]] = {
     "length": LayoutMismatchError,
@@ -168,6 +170,25 @@ def check_copy_lists(op: str, dst: Sequence[torch.Tensor], src: Sequence[torch.T
                        "destination may not overlap another destination or a source")
 
 
+def offset_list(op: str, offsets: Sequence[int]) -> list[int]:
+    """``offsets`` as a list of ints, or InvalidArgumentError naming the first that is not an
+    integer: ``int()`` would truncate 1.5 to 1 and move the bytes to the wrong place. Anything
+    with ``__index__`` counts (numpy integers, 0-d integer tensors); bools do not."""
+    if isinstance(offsets, (str, bytes, torch.Tensor)) or not isinstance(offsets, Sequence):
+        _fail("argument", f"{op}: offsets must be a sequence of integers, got "
+                          f"{type(offsets).__name__}")
+    out = []
+    for i, off in enumerate(offsets):
+        try:
+            if isinstance(off, bool):
+                raise TypeError
+            out.append(operator.index(off))
+        except TypeError:
+            _fail("argument", f"{op}: offsets[{i}] must be an integer, got "
+                              f"{type(off).__name__} {off!r}")
+    return out
+
+
 def check_pack_lists(op: str, tensors: Sequence[torch.Tensor], flat: torch.Tensor,
                      offsets: Sequence[int], tensors_are_written: bool) -> None:
     """Checks of ``pack_`` / ``unpack_``; raises the typed error, changes nothing."""
@@ -177,6 +198,7 @@ def check_pack_lists(op: str, tensors: Sequence[torch.Tensor], flat: torch.Tenso
         _fail("argument", f"{op}: flat must be a 1-D contiguous uint8 tensor, got {_describe(flat)}")
     if not _supported(flat):
         _fail("device", f"{op}: flat on {flat.device}; only CPU and CUDA are supported")
+    offsets = offset_list(op, offsets)
     if len(offsets) != len(tensors):
         _fail("length", f"{op}: {len(tensors)} tensors but {len(offsets)} offsets")
     flat_bytes = flat.numel()
@@ -188,7 +210,6 @@ def check_pack_lists(op: str, tensors: Sequence[torch.Tensor], flat: torch.Tenso
             _fail("argument", f"{op}: index {i}: expected a tensor, got {type(t).__name__}")
         if not _supported(t):
             _fail("device", f"{op}: index {i}: tensor on {t.device}; only CPU and CUDA are supported")
-        off = int(off)
         if off < 0:
             _fail("bounds", f"{op}: index {i}: negative offset {off}")
         n = nbytes_of(t)
