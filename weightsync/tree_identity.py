@@ -117,8 +117,9 @@ def _choose() -> tuple[Callable[..., bool], str, str | None]:
 #: is an exact dict holding, in order, ``expected[k]``'s keys (same objects or equal strs) and
 #: values (the same objects; through their weak references when ``weak``; the one at ``skip``
 #: not compared). ``memo``, a list kept beside ``expected`` (start empty), lets the compiled
-#: walk answer from the dicts' version tags, which CPython changes at every change of a dict:
-#: a few ns per dict instead of per entry while nothing changed.
+#: walk answer from the dicts' addresses and version tags, which CPython changes at every
+#: change of a dict: a few ns per dict instead of per entry while nothing changed. It holds no
+#: reference to the dicts, and is unused where ``weightsync._entries.DICT_VERSIONS`` is False.
 same_entries, _NAME, _WHY_NOT_NATIVE = _choose()
 
 

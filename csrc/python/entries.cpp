@@ -79,10 +79,13 @@ bool same_dict(PyObject* d, PyObject* keys, PyObject* values, bool weak, Py_ssiz
   return true;
 }
 
-// A dict's version tag: CPython gives a dict a new, never reused, value at every change
-// (insert, delete, a value set, clear), so an unchanged tag on the same dict object proves the
-// dict holds what it held. The field is deprecated from 3.12 (watcher bits share it, which
-// only makes a tag differ more often) and gone in 3.14, where the memo is not used.
+// A dict's version tag: CPython 3.11 gives a dict a new value, taken from one counter that
+// only grows, when the dict is created and at every change (insert, delete, a value set,
+// clear). So a dict at the same address with the same tag is the same dict holding what it
+// held, and the memo need not keep the dict alive (it must not: a module's `_modules` dict
+// would keep submodules, and through a back reference the root, alive). The field is
+// deprecated from 3.12 and gone in 3.14; dict_versions_work() checks the behaviour once at
+// import, and without it the memo is not used.
 #if PY_VERSION_HEX < 0x030E0000
 #define WEIGHTSYNC_DICT_VERSIONS 1
 #pragma GCC diagnostic push
@@ -93,11 +96,48 @@ inline unsigned long long dict_version(PyObject* d) {
 #pragma GCC diagnostic pop
 #endif
 
-// Whether `memo` ([dict, version, ...] per owner and name, as left by the last walk that
-// found every dict the same) still describes the tree: the same dict objects, each with the
-// version it had. A few ns per dict instead of a few per entry.
+bool g_dict_versions = false;  // set at import by dict_versions_work()
+
+// Whether this interpreter changes a dict's tag as the memo needs: a fresh one per new dict and
+// a new one at each kind of change the walk would notice.
+bool dict_versions_work() {
+#ifdef WEIGHTSYNC_DICT_VERSIONS
+  PyObject* a = PyDict_New();
+  PyObject* b = PyDict_New();
+  bool ok = a != nullptr && b != nullptr;
+  unsigned long long seen[6] = {};
+  int n = 0;
+  if (ok) {
+    seen[n++] = dict_version(a);
+    seen[n++] = dict_version(b);
+    ok = PyDict_SetItemString(a, "k", Py_None) == 0;
+    if (ok) seen[n++] = dict_version(a);  // insert
+    ok = ok && PyDict_SetItemString(a, "k", Py_True) == 0;
+    if (ok) seen[n++] = dict_version(a);  // a value set
+    ok = ok && PyDict_DelItemString(a, "k") == 0;
+    if (ok) seen[n++] = dict_version(a);  // delete
+    ok = ok && PyDict_SetItemString(a, "k", Py_None) == 0;
+    if (ok) {
+      PyDict_Clear(a);
+      seen[n++] = dict_version(a);  // clear
+    }
+  }
+  for (int i = 1; ok && i < n; ++i) ok = seen[i] > seen[i - 1];  // fresh and growing
+  Py_XDECREF(a);
+  Py_XDECREF(b);
+  PyErr_Clear();
+  return ok && n == 6;
+#else
+  return false;
+#endif
+}
+
+// Whether `memo` ([address, version, ...] per owner and name, as left by the last walk that
+// found every dict the same) still describes the tree: dicts at the same addresses, each with
+// the version it had. A few ns per dict instead of a few per entry.
 bool memo_holds(PyObject* owners, PyObject* names, PyObject* memo) {
 #ifdef WEIGHTSYNC_DICT_VERSIONS
+  if (!g_dict_versions) return false;
   const Py_ssize_t n_owners = PyTuple_GET_SIZE(owners);
   const Py_ssize_t n_names = PyTuple_GET_SIZE(names);
   if (PyList_GET_SIZE(memo) != 2 * n_owners * n_names) return false;
@@ -112,9 +152,10 @@ bool memo_holds(PyObject* owners, PyObject* names, PyObject* memo) {
         Py_DECREF(owner);
         return false;
       }
+      const unsigned long long address = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(memo, 2 * k));
       const unsigned long long want = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(memo, 2 * k + 1));
-      if (want == static_cast<unsigned long long>(-1) && PyErr_Occurred()) PyErr_Clear();
-      const bool same = d == PyList_GET_ITEM(memo, 2 * k) && PyDict_CheckExact(d) &&
+      if (PyErr_Occurred()) PyErr_Clear();  // not ints: a mismatch below
+      const bool same = address == reinterpret_cast<std::uintptr_t>(d) && PyDict_CheckExact(d) &&
                         dict_version(d) == want;
       Py_DECREF(d);
       if (!same) {
@@ -162,12 +203,15 @@ PyObject* same_entries(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
     }
   }
   if (memo != nullptr && memo_holds(owners, names, memo)) Py_RETURN_TRUE;
-  // The walk. With a memo, it notes each dict and its version as it reaches it (before its
-  // entries are compared: a change made after that leaves a stale version, which only sends
-  // the next call down this walk again) and keeps them when every dict was the same.
+  // The walk. With a memo, it notes each dict's address and version as it reaches it (before
+  // its entries are compared: a change made after that leaves a stale version, which only
+  // sends the next call down this walk again) and keeps them when every dict was the same.
   PyObject* fresh = nullptr;
 #ifdef WEIGHTSYNC_DICT_VERSIONS
-  if (memo != nullptr && (fresh = PyList_New(2 * n_owners * n_names)) == nullptr) return nullptr;
+  if (memo != nullptr && g_dict_versions &&
+      (fresh = PyList_New(2 * n_owners * n_names)) == nullptr) {
+    return nullptr;
+  }
 #endif
   bool same = true;
   for (Py_ssize_t o = 0; same && o < n_owners; ++o) {
@@ -194,15 +238,17 @@ PyObject* same_entries(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
       }
 #ifdef WEIGHTSYNC_DICT_VERSIONS
       if (fresh != nullptr && PyDict_CheckExact(d)) {
+        PyObject* address = PyLong_FromUnsignedLongLong(reinterpret_cast<std::uintptr_t>(d));
         PyObject* version = PyLong_FromUnsignedLongLong(dict_version(d));
-        if (version == nullptr) {
+        if (address == nullptr || version == nullptr) {
+          Py_XDECREF(address);
+          Py_XDECREF(version);
           Py_DECREF(d);
           Py_DECREF(owner);
           Py_DECREF(fresh);
           return nullptr;
         }
-        Py_INCREF(d);
-        PyList_SET_ITEM(fresh, 2 * k, d);
+        PyList_SET_ITEM(fresh, 2 * k, address);
         PyList_SET_ITEM(fresh, 2 * k + 1, version);
       }
 #endif
@@ -282,8 +328,9 @@ PyMethodDef methods[] = {
      "None), the value at position skip (-1: none) not compared. False as soon as one\n"
      "differs or an owner died. Runs no code of the compared keys and values.\n"
      "memo: a list the caller keeps with its expected entries (start empty); it records\n"
-     "each dict and its version tag after a walk that found the tree the same, and while\n"
-     "they still hold the answer is True without comparing entries."},
+     "each dict's address and version tag after a walk that found the tree the same, and\n"
+     "while they still hold the answer is True without comparing entries. Unused (emptied)\n"
+     "when DICT_VERSIONS is False."},
     {"plan_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_run)),
      METH_FASTCALL,
      "plan_run(function, plan, non_blocking) -> None\n\n"
@@ -306,4 +353,14 @@ PyModuleDef module_def = {
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__entries() { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC PyInit__entries() {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  g_dict_versions = dict_versions_work();
+  // Whether same_entries' memo is in use (this interpreter's dict version tags behave).
+  if (PyModule_AddObjectRef(module, "DICT_VERSIONS", g_dict_versions ? Py_True : Py_False) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
