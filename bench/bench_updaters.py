@@ -8,8 +8,9 @@ the new weights come from another (the trainer). Measured in one run, one group 
 - ``flat-1t``: the same copy with torch limited to one thread (the single-core floor, and the
   fairer reference when the other cores are busy: a parallel copy then waits for a thread
   that is not scheduled).
-- ``engine-plan``: :class:`weightsync.engine.CopyPlan` ``run()`` over the same tensors (built
-  once): the engine's share of a push, so the updater's own overhead is the difference.
+- ``engine-plan``: :class:`weightsync.engine.CopyPlan` ``run()`` over the same tensors (the
+  policy's and the trainer's parameters; built once): the engine's share of a push, so the
+  updater's own overhead is the difference.
 - ``weightsync``: ``VanillaWeightUpdater.from_policy(policy).push_weights(weights)`` with
   ``weights = TensorDict.from_module(trainer)`` built once (unlocked, as ``from_module``
   returns it), outside ``torch.no_grad()``.
@@ -27,21 +28,37 @@ Usage::
 
     python -m pytest bench/bench_updaters.py --benchmark-only
     python -m pytest bench/bench_updaters.py --benchmark-only -k "mlp-small or many-small"
+    python bench/bench_updaters.py --sets mlp-small many-small   # interleaved, see below
+
+pytest-benchmark runs each method's rounds back to back, so a drift of the machine between
+two methods (the host's load, its memory bandwidth) lands in their ratio. Run as a script,
+the same methods are sampled round-robin (``engine_bench.round_robin``: one sample of each
+method per round, each after untimed settling calls), which keeps such drifts out.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.util
+import json
+import sys
+from pathlib import Path
+from statistics import median
 
-import pytest
-import torch
-from tensordict import TensorDict
-from conftest import selected_sets
-from weight_sets import WEIGHT_SETS, make_module, payload_nbytes
+_BENCH_DIR = Path(__file__).resolve().parent
+for _entry in (_BENCH_DIR.parent, _BENCH_DIR):  # run as a script: the repository and bench/
+    if str(_entry) not in sys.path:
+        sys.path.insert(0, str(_entry))
 
-from weightsync.engine import CopyPlan
-from weightsync.updaters import VanillaWeightUpdater
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tensordict import TensorDict  # noqa: E402
+from conftest import selected_sets  # noqa: E402
+from weight_sets import WEIGHT_SETS, make_module, payload_nbytes  # noqa: E402
+
+from weightsync.engine import CopyPlan  # noqa: E402
+from weightsync.updaters import VanillaWeightUpdater  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 HAVE_TORCHRL = importlib.util.find_spec("torchrl") is not None
@@ -67,8 +84,10 @@ class _Case:
         policy = make_module(self.name, seed=1)
         weights = TensorDict.from_module(self.trainer)
         if method == "engine-plan":
-            dst = TensorDict.from_module(policy).data.values(True, True)
-            plan = CopyPlan(list(dst), list(weights.data.values(True, True)))
+            # The very tensors a push writes and reads (the parameters, not `.data` aliases,
+            # whose freshly allocated metadata the plan's check would read faster).
+            dst = TensorDict.from_module(policy).values(True, True)
+            plan = CopyPlan(list(dst), list(weights.values(True, True)))
             return plan.run
         if method == "weightsync":
             updater = VanillaWeightUpdater.from_policy(policy)
@@ -155,3 +174,45 @@ def test_push_weights(benchmark, name: str, method: str) -> None:
         if ref is not None:
             key = "ratio_vs_flat" if reference == "flat" else "ratio_vs_flat_1t"
             benchmark.extra_info[key] = ref / median
+
+
+def interleaved(sets: list[str], rounds: int = 7) -> list[dict]:
+    """Every method on every set, sampled round-robin; medians and ratios per method."""
+    from engine_bench import round_robin
+
+    rows = []
+    for name in sets:
+        case = _case(name)
+        methods = [m for m in METHODS if m != "torchrl" or HAVE_TORCHRL]
+        fns = {m: case.method(m) for m in methods}
+        samples, calls = round_robin(fns, rounds=rounds)
+        mids = {m: median(v) for m, v in samples.items()}
+        for m in methods:
+            rows.append({"set": name, "tensors": case.count, "nbytes": case.nbytes, "method": m,
+                         "median_s": mids[m], "min_s": min(samples[m]), "calls": calls[m],
+                         "samples_s": samples[m], "ratio_vs_flat": mids["flat"] / mids[m],
+                         "ratio_vs_flat_1t": mids["flat-1t"] / mids[m]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="push_weights against a flat copy and TorchRL, "
+                                            "methods sampled round-robin")
+    p.add_argument("--sets", nargs="+", choices=list(WEIGHT_SETS), default=list(WEIGHT_SETS))
+    p.add_argument("--rounds", type=int, default=7, help="samples per method (median reported)")
+    p.add_argument("--json", type=Path, help="also write the rows (all samples) here")
+    args = p.parse_args(argv)
+    rows = interleaved(args.sets, args.rounds)
+    print(f"{'set':<12}{'method':<20}{'median':>12}{'vs flat':>9}{'vs 1t':>8}")
+    for r in rows:
+        t = r["median_s"]
+        shown = f"{t * 1e6:.1f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms"
+        print(f"{r['set']:<12}{r['method']:<20}{shown:>12}{r['ratio_vs_flat']:>8.2f}x"
+              f"{r['ratio_vs_flat_1t']:>7.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

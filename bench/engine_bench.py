@@ -285,6 +285,33 @@ def settle(fn: Callable[[], None], seconds: float = SETTLE_S) -> None:
         fn()
 
 
+def round_robin(fns: dict[str, Callable[[], None]], rounds: int = 7, min_sample_s: float = 0.02,
+                settle_s: float = SETTLE_S) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds per call of every function, sampled round-robin: ``(samples, calls)``.
+
+    Each round takes one sample of every function (in an order rotated per round), a sample
+    being ``calls[name]`` back-to-back calls, enough to last ``min_sample_s``, after
+    ``settle_s`` of untimed calls of the same function (see :data:`SETTLE_S`). Interleaving
+    keeps drifts of the machine (the host's load, its memory bandwidth) out of the ratios.
+    A function named ``flat-1t`` runs with one torch thread (:func:`method_scope`).
+    """
+    with _quiet_gc():
+        calls: dict[str, int] = {}
+        for name, fn in fns.items():
+            with method_scope(name):
+                fn()  # warm: first touch of pages, lazy inits
+                calls[name] = calls_for(fn, min_sample_s)
+        names = list(fns)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                with method_scope(name):
+                    settle(fns[name], settle_s)
+                    samples[name].append(time_calls(fns[name], calls[name]))
+    return samples, calls
+
+
 def measure_case(case: CopyCase, methods: Sequence[str] = METHODS, rounds: int = 7,
                  min_sample_s: float = 0.02, verify: bool = True,
                  settle_s: float = SETTLE_S) -> SetResult:
@@ -298,21 +325,13 @@ def measure_case(case: CopyCase, methods: Sequence[str] = METHODS, rounds: int =
     methods = list(dict.fromkeys(("flat", *methods)))
     fns = {m: method_fn(m, case) for m in methods}
     result = SetResult(case.name, case.count, case.nbytes, _backends(case))
-    with torch.no_grad(), _quiet_gc():
-        calls: dict[str, int] = {}
-        for m in methods:
-            with method_scope(m):
-                if verify:
-                    _verify(m, fns[m], case)
-                fns[m]()  # warm: first touch of pages, lazy inits
-                calls[m] = calls_for(fns[m], min_sample_s)
-        samples: dict[str, list[float]] = {m: [] for m in methods}
-        for r in range(rounds):
-            shift = r % len(methods)
-            for m in methods[shift:] + methods[:shift]:
+    if verify:
+        with torch.no_grad():
+            for m in methods:
                 with method_scope(m):
-                    settle(fns[m], settle_s)
-                    samples[m].append(time_calls(fns[m], calls[m]))
+                    _verify(m, fns[m], case)
+    with torch.no_grad():
+        samples, calls = round_robin(fns, rounds, min_sample_s, settle_s)
     flat, flat_best = median(samples["flat"]), min(samples["flat"])
     flat_1t = median(samples["flat-1t"]) if "flat-1t" in samples else None
     for m in methods:
