@@ -501,6 +501,13 @@ class _Binding:
         self.src_ref: weakref.ReferenceType | None = None
 
     def run(self, src: Any) -> None:
+        if not self.extra:  # the common case: tensors only
+            if self.plan is not None:
+                try:
+                    self.plan.run()
+                except WeightSyncError as exc:
+                    raise _name_plan_indices(exc, self.keys) from None
+            return
         extra = []
         for path, module_ref, src_key in self.extra:
             module = module_ref()
@@ -750,6 +757,8 @@ class WeightStrategy:
 
     def _weights_tree(self, weights: Any) -> Any:
         """``weights`` as a tree :meth:`_binding` takes (a module becomes its TensorDict)."""
+        if type(weights) is TensorDict:  # the common case, without two ABC checks
+            return weights
         if isinstance(weights, nn.Module):
             return self._module_tree(weights)
         if not isinstance(weights, (TensorDictBase, Mapping)):

@@ -243,6 +243,8 @@ class WeightUpdaterBase(abc.ABC):
 
     def _maybe_map_weights(self, server_weights: Any) -> Any:
         """The weights to distribute: a module's are extracted; a TensorDict or dict passes."""
+        if type(server_weights) is TensorDict:  # the common case, without two ABC checks
+            return server_weights
         if isinstance(server_weights, nn.Module):
             # The strategy's cached tree, not a fresh copy: the copy plan of the next push is
             # keyed on it, and nothing outside the push sees it.
