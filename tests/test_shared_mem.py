@@ -926,6 +926,34 @@ def test_entering_the_guard_applies_a_version_already_on_offer(mode):
             receiver.receive(timeout=0.05)
 
 
+@pytest.mark.parametrize("take", ["receive", "guard"])
+def test_a_version_is_counted_before_it_is_acknowledged(take):
+    # A sync sender returns at the ack, and a guarded block sees the new weights as soon as
+    # the apply releases the guard: either may read `version` right away. CI once caught a
+    # worker that saw its last version under the guard while `version` was one short (the
+    # Python path counted after the ack, outside the guard).
+    with in_process(1, sync=False) as (trainer, sender, sides):
+        receiver = sides[0].scheme
+        arena = receiver._receiver_transport.arena
+        seen = []
+        ack = arena.ack
+
+        def recording_ack(version):
+            seen.append((version - 1, receiver.version))  # (weights version, count) at the ack
+            ack(version)
+
+        arena.ack = recording_ack
+        for v in (1, 2):
+            sender.send(randomize(TinyModel(), 80 + v))
+            if take == "receive":
+                assert receiver.receive() is not None
+            else:
+                with receiver.guard():
+                    pass
+        assert seen == [(1, 1), (2, 2)]
+        assert receiver.version == receiver.weights_version == 2
+
+
 def test_sync_sends_reach_a_worker_that_holds_the_guard_nearly_always():
     # The worker's main thread re-enters the guard as soon as it leaves it: its background
     # thread queues for the lock behind it, and mostly loses the race for it; guard() entry

@@ -630,6 +630,7 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
         self._receiver_transport = transport
         self._applied = self._weights_view(transport)
         self._weights_version = transport.version - 1
+        transport.on_applied = self._count_applied  # after the first version, not counted
         if self.background:
             self._start_background_receiver(_BACKGROUND_POLL)
 
@@ -726,10 +727,17 @@ class SharedMemWeightSyncScheme(WeightSyncScheme):
             self._weights_version = transport.version - 1
             self._received(self._applied)
 
+    def _count_applied(self) -> None:
+        # Called by the transport under the guard, before the version's ack (see on_applied):
+        # counted after the ack instead, a thread could see the new weights, or a sync sender
+        # return, with `version` one short.
+        self._version += 1
+
     def _received(self, weights: Any) -> Any:
-        # Under the guard: the background thread and a thread entering guard() both count.
+        # Counted already (_count_applied); the context hears of it under the guard.
         with self._guard:
-            return super()._received(weights)
+            self._after_receive(weights)
+        return weights
 
     @property
     def version(self) -> int:

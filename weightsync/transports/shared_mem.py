@@ -659,6 +659,10 @@ class SharedMemReceiverTransport:
         self._version = 0
         #: Held around every apply; hold it around inference (the scheme's ``guard()`` does).
         self.lock = ReceiverLock()
+        #: Called under ``lock`` after each version :meth:`poll` applied, before its ack: the
+        #: scheme counts it there, so whoever sees the new weights (under the lock) or the
+        #: sender's return (after the ack) also sees the count. The native loop counts its own.
+        self.on_applied: Callable[[], None] | None = None
         # The C++ loop applying versions while a background receiver runs (native library);
         # while it exists, it holds this worker's version and mapped slot.
         self._loop: NativeReceiveLoop | None = None
@@ -886,6 +890,8 @@ class SharedMemReceiverTransport:
                     arena.release_slot(slot)
                 raise
             self.version = version
+            if self.on_applied is not None:
+                self.on_applied()
             arena.ack(version)
             if done >= 0:
                 arena.release_slot(done)
