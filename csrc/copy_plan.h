@@ -74,9 +74,10 @@ class CopyPlan : public torch::CustomClassHolder {
   };
   static Fingerprint fingerprint(const c10::TensorImpl& impl);
   // fingerprint(impl) == f, without building the fingerprint: the per-run check is about
-  // 2000 of these for a 1000-tensor list, and the built-and-compared struct cost 12 ns each
-  // with the impls in cache (a call, 13 stores, 13 loads); this compares field by field,
-  // inlined, and stops at the first difference.
+  // 2000 of these for a 1000-tensor list. Building and comparing the struct (a call, 13
+  // stores, 13 loads) cost 10.4 ns a tensor with the impls in cache; comparing field by
+  // field, inlined, stopping at the first difference, 5.7 ns (CopyPlan.is_valid() over
+  // 1000 pairs of views, one thread, less its 2.5 us call).
   static bool matches(const c10::TensorImpl& impl, const Fingerprint& f);
 
   std::vector<at::Tensor> dst_;

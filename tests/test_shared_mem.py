@@ -1323,27 +1323,15 @@ def test_killed_sender_is_reported_and_leaves_no_segment(mode, background):
 @pytest.mark.parametrize("mode", ["copy", "view"])
 def test_gpu_sender_to_cpu_workers(mode):
     trainer = randomize(TinyModel(), 71).cuda()
-    sender = SharedMemWeightSyncScheme(mode=mode, background=False, sync=False)
-    sender.init_on_sender(model=trainer, devices=["cpu", "cpu"])
-    try:
-        blob = pickle.dumps(sender)
-        sender.connect()
-        receivers = []
-        for w in range(2):
-            r = pickle.loads(blob)
-            m = TinyModel()
-            r.init_on_receiver(model_id="policy", model=m, worker_idx=w)
-            r.connect(worker_idx=w)
-            receivers.append((r, m))
-            assert_same_weights(m, trainer)
+    init = lambda s, _: s.init_on_sender(model=trainer, devices=["cpu", "cpu"])  # noqa: E731
+    with in_process(2, mode=mode, sync=False, init=init) as (_, sender, sides):
+        for side in sides:
+            assert_same_weights(side.model, trainer)
         new = randomize(TinyModel(), 72).cuda()
         sender.send(new)
-        for r, m in receivers:
-            r.receive()
-            assert_same_weights(m, new)
-            r.shutdown()
-    finally:
-        sender.shutdown()
+        for side in sides:
+            side.scheme.receive()
+            assert_same_weights(side.model, new)
 
 
 @pytest.mark.gpu
@@ -1352,30 +1340,17 @@ def test_gpu_trainer_device_map_fn_to_cpu_workers_follows_the_trainer(mode):
     # The usual TorchRL call for a CUDA trainer with CPU workers: w.to("cpu") is a copy per
     # worker. The workers share one (host) arena and send() carries the trainer as it is now.
     trainer = randomize(TinyModel(), 73).cuda()
-    sender = SharedMemWeightSyncScheme(mode=mode, background=False, sync=False)
-    sender.init_on_sender(model=trainer, device_map_fn=lambda i, w: w.to("cpu"), num_workers=3)
-    try:
+    init = lambda s, _: s.init_on_sender(  # noqa: E731
+        model=trainer, device_map_fn=lambda i, w: w.to("cpu"), num_workers=3)
+    with in_process(3, mode=mode, sync=False, init=init) as (_, sender, sides):
         assert len(sender.segment_names()) == 1
         assert {t.slot_device for t in sender._tickets.values()} == {"cpu"}
-        blob = pickle.dumps(sender)
-        sender.connect()
-        receivers = []
-        for w in range(3):
-            r = pickle.loads(blob)
-            m = TinyModel()
-            r.init_on_receiver(model_id="policy", model=m, worker_idx=w)
-            r.connect(worker_idx=w)
-            receivers.append((r, m))
         for step in range(1, 3):
             randomize(trainer, 73 + step)  # in place, on the GPU
             sender.send()
-            for r, m in receivers:
-                assert r.receive() is not None
-                assert_same_weights(m, trainer)
-        for r, _ in receivers:
-            r.shutdown()
-    finally:
-        sender.shutdown()
+            for side in sides:
+                assert side.scheme.receive() is not None
+                assert_same_weights(side.model, trainer)
 
 
 @pytest.mark.gpu

@@ -501,13 +501,25 @@ class _Binding:
         self.src_ref: weakref.ReferenceType | None = None
 
     def run(self, src: Any) -> None:
-        if not self.extra:  # the common case: tensors only
-            if self.plan is not None:
-                try:
-                    self.plan.run()
-                except WeightSyncError as exc:
-                    raise _name_plan_indices(exc, self.keys) from None
+        # Extra state first: a set_extra_state that refuses its state is the one failure the
+        # checks made when the plan was built cannot foresee, and it must find the tensors
+        # still untouched (the extra state already set is restored). Most trees have none.
+        done = _set_extra_states(self._extra_states(src)) if self.extra else []
+        if self.plan is None:
             return
+        try:
+            # The engine copies under torch.no_grad() (parameters that require grad are
+            # leaves autograd would refuse to write in place); no second guard here.
+            self.plan.run()
+        except BaseException as exc:
+            if done:
+                _restore_extra_states(done, exc)  # no new extra state next to failed tensors
+            if isinstance(exc, WeightSyncError):
+                raise _name_plan_indices(exc, self.keys) from None
+            raise
+
+    def _extra_states(self, src: Any) -> list[tuple[nn.Module, Any]]:
+        """(destination module, its new extra state from ``src``) for each extra-state key."""
         extra = []
         for path, module_ref, src_key in self.extra:
             module = module_ref()
@@ -516,20 +528,7 @@ class _Binding:
                     f"destination module {_key_str(path)!r} that takes the extra state is gone"
                 )
             extra.append((module, _extra_from_tree(_resolve(src, src_key))))
-        # Extra state first: a set_extra_state that refuses its state is the one failure the
-        # checks made when the plan was built cannot foresee, and it must find the tensors
-        # still untouched (the extra state already set is restored).
-        done = _set_extra_states(extra)
-        if self.plan is not None:
-            try:
-                # The engine copies under torch.no_grad() (parameters that require grad are
-                # leaves autograd would refuse to write in place); no second guard here.
-                self.plan.run()
-            except BaseException as exc:
-                _restore_extra_states(done, exc)  # no new extra state next to failed tensors
-                if isinstance(exc, WeightSyncError):
-                    raise _name_plan_indices(exc, self.keys) from None
-                raise
+        return extra
 
 
 def _bind(destination: Any, weights: Any, state_dict_keys: bool) -> _Binding:
