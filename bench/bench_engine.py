@@ -1,6 +1,7 @@
 """pytest-benchmark form of bench/engine_bench.py: batched-copy paths against one flat copy.
 
-One benchmark group per weight set; within it every method of ``engine_bench.METHODS``.
+One benchmark group per weight set; within it every method of ``engine_bench.METHODS`` but
+``plan-copy`` (a diagnostic of the script: several copies per call, see engine_bench.py).
 ``extra_info["ratio_vs_flat"]`` is (flat copy median) / (this method's median): 1.0 means as
 fast as one contiguous copy of the same bytes (target for ``native`` and ``plan``: at least
 0.9). The flat copy is sampled after every round of the method (pytest-benchmark's teardown
@@ -27,7 +28,8 @@ from statistics import median
 
 import pytest
 import torch
-from engine_bench import METHODS, CopyCase, calls_for, make_case, method_fn, method_scope, time_calls
+from engine_bench import (COPIES_PER_CALL, METHODS, CopyCase, calls_for, make_case, method_fn,
+                          method_scope, time_calls)
 
 _MIN_SAMPLE_S = 0.01  # one round lasts at least this long (repeated calls for small sets)
 _BUDGET_S = 1.0  # per benchmark, flat samples included, for the default number of rounds
@@ -71,7 +73,7 @@ def _sampler(references: dict[str, tuple[Callable[[], None], int, int]],
     return sample
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in COPIES_PER_CALL])
 def test_copy(benchmark, bench_rounds, weight_set: str, case: CopyCase,
               references: dict[str, tuple[Callable[[], None], int, int]], method: str) -> None:
     benchmark.group = weight_set

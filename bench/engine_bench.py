@@ -11,6 +11,11 @@ each sample after a few milliseconds of untimed calls of the same method (:data:
   single-core floor, and the reference when the other core is busy.
 - ``native``: :func:`weightsync.ops.batched_copy_` with the automatic backend choice.
 - ``plan``: :meth:`weightsync.engine.CopyPlan.run` (validated once, outside the timing).
+- ``plan-copy``: the same plan's copy alone, without the check each ``run()`` makes that no
+  tensor was reallocated (``CopyPlan._copy_repeatedly``: one checked run, then
+  :data:`COPIES_PER_CALL` unchecked copies per call; times are per copy). Not a way to sync
+  (the check is what makes a plan safe to reuse): it shows how much of ``plan``'s time is the
+  check, and how close the scattered bytes alone come to one flat copy. Native backend only.
 - ``foreach``: ``torch._foreach_copy_``.
 - ``loop``: a Python loop of ``dst.copy_(src)``.
 - ``torch-backend``: the pure-torch fallback (:class:`TorchBackend`) including its checks.
@@ -78,8 +83,12 @@ __all__ = [
 ]
 
 #: Every method, in table order.
-METHODS: tuple[str, ...] = ("flat", "flat-1t", "native", "plan", "foreach", "loop",
-                            "torch-backend")
+METHODS: tuple[str, ...] = ("flat", "flat-1t", "native", "plan", "plan-copy", "foreach",
+                            "loop", "torch-backend")
+
+#: Copies one call makes, for methods that repeat the copy inside one call (their samples are
+#: divided by it): ``plan-copy`` amortises its one checked run and its call this way.
+COPIES_PER_CALL: dict[str, int] = {"plan-copy": 17}
 
 #: Synthetic sets for the thread sweep: ``uniform-<N>MiB`` is N MiB in 256 KiB float32 tensors.
 _UNIFORM = re.compile(r"uniform-(\d+)MiB")
@@ -190,6 +199,9 @@ def method_fn(method: str, case: CopyCase) -> Callable[[], None]:
         return lambda: ops.batched_copy_(dst, src)
     if method == "plan":
         return CopyPlan(dst, src).run
+    if method == "plan-copy":
+        plan, copies = CopyPlan(dst, src), COPIES_PER_CALL[method]
+        return lambda: plan._copy_repeatedly(copies)
     if method == "foreach":
         return lambda: torch._foreach_copy_(dst, src)
     if method == "loop":
@@ -323,8 +335,11 @@ def measure_case(case: CopyCase, methods: Sequence[str] = METHODS, rounds: int =
     reported time; ``flat`` is always measured, since the ratios need it.
     """
     methods = list(dict.fromkeys(("flat", *methods)))
+    backends = _backends(case)
+    if backends["plan"] != "native":  # only native plans can skip their check
+        methods = [m for m in methods if m != "plan-copy"]
     fns = {m: method_fn(m, case) for m in methods}
-    result = SetResult(case.name, case.count, case.nbytes, _backends(case))
+    result = SetResult(case.name, case.count, case.nbytes, backends)
     if verify:
         with torch.no_grad():
             for m in methods:
@@ -332,6 +347,9 @@ def measure_case(case: CopyCase, methods: Sequence[str] = METHODS, rounds: int =
                     _verify(m, fns[m], case)
     with torch.no_grad():
         samples, calls = round_robin(fns, rounds, min_sample_s, settle_s)
+    for m, copies in COPIES_PER_CALL.items():
+        if m in samples:
+            samples[m] = [t / copies for t in samples[m]]
     flat, flat_best = median(samples["flat"]), min(samples["flat"])
     flat_1t = median(samples["flat-1t"]) if "flat-1t" in samples else None
     for m in methods:

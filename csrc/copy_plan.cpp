@@ -206,6 +206,21 @@ void CopyPlan::run(bool non_blocking) {
   for (std::size_t i : strided_) dst_[i].copy_(src_[i]);
 }
 
+void CopyPlan::copy_repeatedly(std::int64_t times) {
+  if (times <= 0) return;
+  run(false);
+  if (!host_only_) {
+    for (std::int64_t i = 1; i < times; ++i) run(false);
+    return;
+  }
+  c10::AutoGradMode no_grad(false);
+  const core::CopyOptions opts = copy_options();
+  for (std::int64_t i = 1; i < times; ++i) {
+    core::copy_spans(spans_, opts);
+    for (std::size_t k : strided_) dst_[k].copy_(src_[k]);
+  }
+}
+
 }  // namespace weightsync
 
 extern "C" void weightsync_plan_prepare(std::int64_t plan) {

@@ -27,6 +27,10 @@ class CopyPlan : public torch::CustomClassHolder {
            std::int64_t parallel_min_bytes = 0);
 
   void run(bool non_blocking);
+  // run() once, then the copy `times - 1` more times without the per-run check: what the bytes
+  // alone cost, for benchmarks (bench/engine_bench.py's "plan-copy" row). The tensors must not
+  // change during the call. Plans that dispatch (device tensors) run() every time.
+  void copy_repeatedly(std::int64_t times);
   // A heads-up that run() follows shortly: wakes the copier's parked helpers when the copy
   // will use them, so their wake-up overlaps the caller's work until then.
   void prepare() const;

@@ -47,6 +47,7 @@ TORCH_LIBRARY(weightsync, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::int64_t>(), "",
            {torch::arg("dst"), torch::arg("src"), torch::arg("parallel_min_bytes") = 0})
       .def("run", &CopyPlan::run, "", {torch::arg("non_blocking") = false})
+      .def("copy_repeatedly", &CopyPlan::copy_repeatedly)
       .def("is_valid", &CopyPlan::is_valid)
       .def("rebuild", &CopyPlan::rebuild)
       .def("nbytes", &CopyPlan::nbytes)

@@ -230,6 +230,31 @@ def test_native_plan_runs_the_same_through_either_call(monkeypatch, call):
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
 
 
+def test_copy_repeatedly_checks_once_then_copies_every_time(backend):
+    # The benchmark-only path behind bench/engine_bench.py's "plan-copy" row: its first copy
+    # is a checked run() (a reallocation is still noticed there), every later one lands the
+    # sources' bytes again. Other backends refuse it rather than time something else.
+    dst, src = make_pairs()
+    params = [torch.nn.Parameter(d) for d in dst]
+    plan = CopyPlan(params, src)
+    if plan.backend != "native":
+        with pytest.raises(NotImplementedError, match="native"):
+            plan._copy_repeatedly(3)
+        return
+    params[0].data = torch.zeros(1, 3)
+    plan._copy_repeatedly(3)
+    assert plan.rebuilds == 1
+    assert all(torch.equal(p.detach(), s) for p, s in zip(params, src))
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    plan._copy_repeatedly(0)  # nothing at all
+    assert all(not p.detach().any() for p in params)
+    plan._copy_repeatedly(2)
+    assert plan.rebuilds == 1
+    assert all(torch.equal(p.detach(), s) for p, s in zip(params, src))
+
+
 def test_prepare_is_only_a_heads_up(backend):
     # Big enough for the native copier's helper threads, which prepare() wakes.
     dst = [torch.zeros(1 << 18) for _ in range(3)]

@@ -181,6 +181,16 @@ class CopyPlan:
         """True while no tensor of the plan was reallocated since it was (re)built."""
         return self._impl.is_valid()
 
+    def _copy_repeatedly(self, times: int) -> None:
+        """For benchmarks: :meth:`run` once, then the copy ``times - 1`` more times without
+        the per-run reallocation check, to measure what the bytes alone cost. Nothing may
+        change the tensors meanwhile. Native host plans only (NotImplementedError otherwise).
+        """
+        impl = self._impl
+        if not isinstance(impl, _NativePlan):
+            raise NotImplementedError("only native plans copy without their check")
+        impl._plan.copy_repeatedly(times)
+
     @property
     def native_address(self) -> int | None:
         """The C++ plan's address on the native backend (for C callers; the plan object keeps
