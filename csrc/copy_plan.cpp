@@ -202,6 +202,10 @@ void CopyPlan::run(bool non_blocking) {
     dispatch_batched_copy(dst_, src_, non_blocking);
     return;
   }
+  copy_host(opts);
+}
+
+void CopyPlan::copy_host(const core::CopyOptions& opts) {
   core::copy_spans(spans_, opts);
   for (std::size_t i : strided_) dst_[i].copy_(src_[i]);
 }
@@ -215,10 +219,7 @@ void CopyPlan::copy_repeatedly(std::int64_t times) {
   }
   c10::AutoGradMode no_grad(false);
   const core::CopyOptions opts = copy_options();
-  for (std::int64_t i = 1; i < times; ++i) {
-    core::copy_spans(spans_, opts);
-    for (std::size_t k : strided_) dst_[k].copy_(src_[k]);
-  }
+  for (std::int64_t i = 1; i < times; ++i) copy_host(opts);
 }
 
 }  // namespace weightsync

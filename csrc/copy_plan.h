@@ -49,6 +49,8 @@ class CopyPlan : public torch::CustomClassHolder {
  private:
   // The copier's options for this plan (torch's thread cap, this plan's threshold).
   core::CopyOptions copy_options() const;
+  // The copy of a host-only plan, with no check (run() checks first).
+  void copy_host(const core::CopyOptions& opts);
   // is_valid() with the copier options of this call (run() reads them once for both uses).
   bool fingerprints_match(const core::CopyOptions& opts) const;
   // What a reallocation or a new view changes: `param.data = x` and resize_ swap the storage
