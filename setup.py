@@ -128,7 +128,9 @@ def _extensions() -> tuple[list, dict, dict]:
     )
     sources = [os.path.relpath(s, ROOT) for s in sources]
     include_dirs = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
-    cxx_flags = ["-O3"]
+    # The sources are C++20. torch's builder adds -std=c++17 unless a -std flag is given, up
+    # to torch 2.13 (2.14 adds c++20 itself): without this, a torch 2.11 build fails.
+    cxx_flags = ["-O3", "-std=c++20"]
     link_flags: list[str] = []
     if torch.backends.openmp.is_available():
         # at::parallel_for is inline: it runs on torch's OpenMP threads only when compiled with
@@ -136,7 +138,7 @@ def _extensions() -> tuple[list, dict, dict]:
         # one torch already loaded.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-std=c++20"]
     define_macros: list[tuple[str, str | None]] = []
 
     nvcc = shutil.which("nvcc") or (
@@ -176,7 +178,7 @@ def _extensions() -> tuple[list, dict, dict]:
     entries = Extension(
         name="weightsync._entries",
         sources=[os.path.join("csrc", "python", "entries.cpp")],
-        extra_compile_args={"cxx": ["-O3"]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"]},
     )
     ext = ext_cls(
         name="weightsync._C",
