@@ -8,6 +8,7 @@ import torch
 from weightsync.engine import CopyPlan
 from weightsync.errors import (
     AliasingError,
+    BackendUnavailableError,
     DTypeMismatchError,
     InvalidArgumentError,
     ShapeMismatchError,
@@ -238,7 +239,7 @@ def test_copy_repeatedly_checks_once_then_copies_every_time(backend):
     params = [torch.nn.Parameter(d) for d in dst]
     plan = CopyPlan(params, src)
     if plan.backend != "native":
-        with pytest.raises(NotImplementedError, match="native"):
+        with pytest.raises(BackendUnavailableError, match="only native plans .* torch backend"):
             plan._copy_repeatedly(3)
         return
     params[0].data = torch.zeros(1, 3)

@@ -20,6 +20,7 @@ from weightsync import _extension
 from weightsync.engine.backends import backend_for
 from weightsync.engine.torch_backend import group_pairs, run_groups
 from weightsync.engine.validate import check_copy_lists, nbytes_of, translate_native_error
+from weightsync.errors import BackendUnavailableError
 
 __all__ = ["CopyPlan"]
 
@@ -184,11 +185,13 @@ class CopyPlan:
     def _copy_repeatedly(self, times: int) -> None:
         """For benchmarks: :meth:`run` once, then the copy ``times - 1`` more times without
         the per-run reallocation check, to measure what the bytes alone cost. Nothing may
-        change the tensors meanwhile. Native host plans only (NotImplementedError otherwise).
+        change the tensors meanwhile. Native plans only (BackendUnavailableError otherwise).
         """
         impl = self._impl
         if not isinstance(impl, _NativePlan):
-            raise NotImplementedError("only native plans copy without their check")
+            raise BackendUnavailableError(
+                f"weightsync[backend]: CopyPlan._copy_repeatedly: only native plans copy without "
+                f"their check; this plan runs on the {self.backend} backend")
         impl._plan.copy_repeatedly(times)
 
     @property
