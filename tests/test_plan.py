@@ -233,27 +233,36 @@ def test_native_plan_runs_the_same_through_either_call(monkeypatch, call):
 
 def test_copy_repeatedly_checks_once_then_copies_every_time(backend):
     # The benchmark-only path behind bench/engine_bench.py's "plan-copy" row: its first copy
-    # is a checked run() (a reallocation is still noticed there), every later one lands the
-    # sources' bytes again. Other backends refuse it rather than time something else.
+    # is a checked run() (a reallocation is still noticed there), then it copies again
+    # `times - 1` times. A non-contiguous destination goes through Tensor.copy_, which bumps
+    # its version counter once per copy: that counts the copies, which bytes alone cannot
+    # (every copy lands the same ones). Other backends refuse rather than time something else.
     dst, src = make_pairs()
     params = [torch.nn.Parameter(d) for d in dst]
-    plan = CopyPlan(params, src)
+    strided, strided_src = torch.zeros(4, 3).t(), torch.randn(3, 4)
+    plan = CopyPlan([*params, strided], [*src, strided_src])
     if plan.backend != "native":
         with pytest.raises(BackendUnavailableError, match="only native plans .* torch backend"):
             plan._copy_repeatedly(3)
         return
     params[0].data = torch.zeros(1, 3)
+    version = strided._version
     plan._copy_repeatedly(3)
     assert plan.rebuilds == 1
+    assert strided._version - version == 3
     assert all(torch.equal(p.detach(), s) for p, s in zip(params, src))
+    assert torch.equal(strided, strided_src)
     with torch.no_grad():
-        for p in params:
-            p.zero_()
+        for t in (*params, strided):
+            t.zero_()
+    version = strided._version
     plan._copy_repeatedly(0)  # nothing at all
-    assert all(not p.detach().any() for p in params)
+    assert strided._version == version
+    assert all(not t.detach().any() for t in (*params, strided))
     plan._copy_repeatedly(2)
-    assert plan.rebuilds == 1
+    assert plan.rebuilds == 1 and strided._version - version == 2
     assert all(torch.equal(p.detach(), s) for p, s in zip(params, src))
+    assert torch.equal(strided, strided_src)
 
 
 def test_prepare_is_only_a_heads_up(backend):
