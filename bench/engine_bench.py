@@ -12,8 +12,8 @@ each sample after a few milliseconds of untimed calls of the same method (:data:
 - ``native``: :func:`weightsync.ops.batched_copy_` with the automatic backend choice.
 - ``plan``: :meth:`weightsync.engine.CopyPlan.run` (validated once, outside the timing).
 - ``plan-copy``: the same plan's copy alone, without the check each ``run()`` makes that no
-  tensor was reallocated (``CopyPlan._copy_repeatedly``: one checked run, then
-  :data:`COPIES_PER_CALL` unchecked copies per call; times are per copy). Not a way to sync
+  tensor was reallocated (``CopyPlan._copy_repeatedly``: :data:`COPIES_PER_CALL` copies per
+  call, only the first checked; times are per copy). Not a way to sync
   (the check is what makes a plan safe to reuse): it shows how much of ``plan``'s time is the
   check, and how close the scattered bytes alone come to one flat copy. Native backend only.
 - ``foreach``: ``torch._foreach_copy_``.
